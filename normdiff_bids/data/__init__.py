@@ -1,0 +1,1 @@
+"""Reading inputs: FreeSurfer stats files, BIDS datasets, IDP tables, synthetic cohorts."""

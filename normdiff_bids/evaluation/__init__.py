@@ -1,0 +1,1 @@
+"""Evaluation suite: calibration, coverage, PIT, fidelity, dependence and memorisation."""

@@ -1,0 +1,1 @@
+"""Nipype interfaces: thin wrappers over the library."""

@@ -1,0 +1,1 @@
+"""The conditional diffusion model: schedules, samplers, backbones, covariate encoders, bundle I/O."""

@@ -1,0 +1,1 @@
+"""Writing results: BIDS derivatives, deviation maps and HTML reports."""

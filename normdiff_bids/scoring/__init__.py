@@ -1,0 +1,1 @@
+"""Centiles, z-scores and joint deviation scores from model samples."""
