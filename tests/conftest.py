@@ -1,0 +1,29 @@
+"""Shared fixtures: paths to the optional real reference data, and quiet, deterministic settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+#: Real FreeSurfer/cohort files kept beside the project (never shipped); tests using them skip when absent.
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference data not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def freesurfer_reference(reference_dir) -> Path:
+    path = reference_dir / "freesurfer"
+    if not path.is_dir():
+        pytest.skip(f"FreeSurfer reference stats not found at {path}")
+    return path
