@@ -84,13 +84,18 @@ HEMISPHERES: tuple[str, ...] = ("lh", "rh")
 
 
 def dk_label_id(hemi: str, region: str) -> int:
-    """Return the ``aparc+aseg.mgz`` label id of a DK region (``lh`` -> 1000 + index, ``rh`` -> 2000 + index)."""
+    """Return the ``aparc+aseg.mgz`` label id of a DK region.
+
+    ``lh`` regions are 1000 + colour-table index, ``rh`` regions 2000 + index.
+    """
     if hemi not in HEMISPHERES:
         raise ValueError(f"hemisphere must be 'lh' or 'rh', got {hemi!r}")
     try:
         index = DK_CTAB.index(region)
     except ValueError:
-        raise ValueError(f"{region!r} is not a Desikan-Killiany region; expected one of {DK_REGIONS}") from None
+        raise ValueError(
+            f"{region!r} is not a Desikan-Killiany region; expected one of {DK_REGIONS}"
+        ) from None
     return (1000 if hemi == "lh" else 2000) + index
 
 
