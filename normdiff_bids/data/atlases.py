@@ -107,3 +107,57 @@ def aparc_aseg_labels() -> dict[str, int]:
         for region in DK_REGIONS:
             labels[f"ctx-{hemi}-{region}"] = dk_label_id(hemi, region)
     return labels
+
+
+#: Desikan-Killiany-Tourville (``aparc.DKTatlas``) regions reported in ``?h.aparc.DKTatlas.stats``: the DK
+#: regions less banks of the STS, frontal pole and temporal pole.
+DKT_REGIONS: tuple[str, ...] = tuple(
+    r for r in DK_REGIONS if r not in ("bankssts", "frontalpole", "temporalpole")
+)
+
+#: Destrieux (``aparc.a2009s``) regions in ``?h.aparc.a2009s.stats`` order, FreeSurfer 7 spelling
+#: (FreeSurfer <= 6 writes ``&`` for ``_and_``; see ``FS6_TO_FS7``). ``aparc.a2009s+aseg`` ids are
+#: 11100/12100 + (index + 1).
+DESTRIEUX_REGIONS: tuple[str, ...] = (
+    "G_and_S_frontomargin", "G_and_S_occipital_inf", "G_and_S_paracentral", "G_and_S_subcentral",
+    "G_and_S_transv_frontopol", "G_and_S_cingul-Ant", "G_and_S_cingul-Mid-Ant", "G_and_S_cingul-Mid-Post",
+    "G_cingul-Post-dorsal", "G_cingul-Post-ventral", "G_cuneus", "G_front_inf-Opercular",
+    "G_front_inf-Orbital", "G_front_inf-Triangul", "G_front_middle", "G_front_sup", "G_Ins_lg_and_S_cent_ins",
+    "G_insular_short", "G_occipital_middle", "G_occipital_sup", "G_oc-temp_lat-fusifor",
+    "G_oc-temp_med-Lingual", "G_oc-temp_med-Parahip", "G_orbital", "G_pariet_inf-Angular",
+    "G_pariet_inf-Supramar", "G_parietal_sup", "G_postcentral", "G_precentral", "G_precuneus", "G_rectus",
+    "G_subcallosal", "G_temp_sup-G_T_transv", "G_temp_sup-Lateral", "G_temp_sup-Plan_polar",
+    "G_temp_sup-Plan_tempo", "G_temporal_inf", "G_temporal_middle", "Lat_Fis-ant-Horizont",
+    "Lat_Fis-ant-Vertical", "Lat_Fis-post", "Pole_occipital", "Pole_temporal", "S_calcarine", "S_central",
+    "S_cingul-Marginalis", "S_circular_insula_ant", "S_circular_insula_inf", "S_circular_insula_sup",
+    "S_collat_transv_ant", "S_collat_transv_post", "S_front_inf", "S_front_middle", "S_front_sup",
+    "S_interm_prim-Jensen", "S_intrapariet_and_P_trans", "S_oc_middle_and_Lunatus",
+    "S_oc_sup_and_transversal", "S_occipital_ant", "S_oc-temp_lat", "S_oc-temp_med_and_Lingual",
+    "S_orbital_lateral", "S_orbital_med-olfact", "S_orbital-H_Shaped", "S_parieto_occipital",
+    "S_pericallosal", "S_postcentral", "S_precentral-inf-part", "S_precentral-sup-part", "S_suborbital",
+    "S_subparietal", "S_temporal_inf", "S_temporal_sup", "S_temporal_transverse",
+)
+
+#: Brodmann-area labels of ``?h.BA_exvivo.stats`` (FreeSurfer >= 6).
+BA_EXVIVO_REGIONS: tuple[str, ...] = (
+    "BA1_exvivo", "BA2_exvivo", "BA3a_exvivo", "BA3b_exvivo", "BA4a_exvivo", "BA4p_exvivo", "BA6_exvivo",
+    "BA44_exvivo", "BA45_exvivo", "V1_exvivo", "V2_exvivo", "MT_exvivo", "perirhinal_exvivo",
+    "entorhinal_exvivo",
+)
+
+#: Colours of the DK colour table (``aparc.annot.ctab``, ``FreeSurferColorLUT.txt`` 1000-1035), by region.
+DK_RGB: dict[str, tuple[int, int, int]] = {
+    "unknown": (25, 5, 25), "bankssts": (25, 100, 40), "caudalanteriorcingulate": (125, 100, 160),
+    "caudalmiddlefrontal": (100, 25, 0), "corpuscallosum": (120, 70, 50), "cuneus": (220, 20, 100),
+    "entorhinal": (220, 20, 10), "fusiform": (180, 220, 140), "inferiorparietal": (220, 60, 220),
+    "inferiortemporal": (180, 40, 120), "isthmuscingulate": (140, 20, 140), "lateraloccipital": (20, 30, 140),
+    "lateralorbitofrontal": (35, 75, 50), "lingual": (225, 140, 140), "medialorbitofrontal": (200, 35, 75),
+    "middletemporal": (160, 100, 50), "parahippocampal": (20, 220, 60), "paracentral": (60, 220, 60),
+    "parsopercularis": (220, 180, 140), "parsorbitalis": (20, 100, 50), "parstriangularis": (220, 60, 20),
+    "pericalcarine": (120, 100, 60), "postcentral": (220, 20, 20), "posteriorcingulate": (220, 180, 220),
+    "precentral": (60, 20, 220), "precuneus": (160, 140, 180), "rostralanteriorcingulate": (80, 20, 140),
+    "rostralmiddlefrontal": (75, 50, 125), "superiorfrontal": (20, 220, 160),
+    "superiorparietal": (20, 180, 140),
+    "superiortemporal": (140, 220, 220), "supramarginal": (80, 160, 20), "frontalpole": (100, 0, 100),
+    "temporalpole": (70, 70, 70), "transversetemporal": (150, 150, 200), "insula": (255, 192, 32),
+}
