@@ -9,6 +9,11 @@ import pytest
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Test models are tiny: a second intra-op thread only adds contention, and one thread keeps runs
+# bit-reproducible across machines with different core counts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 #: Real FreeSurfer/cohort files kept beside the project (never shipped); tests using them skip when absent.
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
