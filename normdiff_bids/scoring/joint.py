@@ -1,0 +1,124 @@
+"""A multivariate deviation score per subject, calibrated against the model's own samples.
+
+Statistic: the Mahalanobis length of the subject's normal-score vector (one z per IDP, from the IDP's own
+samples) under a Ledoit-Wolf shrunk covariance of the samples' normal scores. Normal scores make the
+statistic invariant to each IDP's marginal shape (skewed or bimodal IDPs count like Gaussian ones), and
+the shrinkage keeps the inverse stable when D is close to or above the number of samples.
+
+Calibration (split): the samples at the subject's covariates are split in two halves. The first half
+estimates the covariance; the statistic of every sample of the second half (its normal scores taken
+leave-one-out among all samples) is the reference distribution, and the subject's centile is its
+mid-rank among them, with the tail rule of :mod:`normdiff_bids.scoring.centiles` beyond the largest.
+A subject drawn from the model's distribution is exchangeable with the second half given the first, so
+``joint_centile`` is uniform for in-distribution subjects whatever D, the marginals or the dependence.
+``joint_z = Phi^-1(joint_centile)``: large positive values mean an unusual profile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.special import ndtri
+from scipy.stats import rankdata
+
+from normdiff_bids.scoring.centiles import CENTILE_FLOOR, centiles_to_z, empirical_centiles, tail_z
+
+__all__ = ["joint_deviation", "ledoit_wolf_covariance", "normal_scores_loo"]
+
+#: Element budget per chunk of rows for [rows, S, D] work arrays.
+_CHUNK_ELEMENTS = 4_000_000
+
+
+def normal_scores_loo(samples: np.ndarray) -> np.ndarray:
+    """Normal score of every sample among the other ``S - 1`` samples of its row: ``[R, S, D]``.
+
+    The same rule as a subject's value gets from :func:`empirical_centiles`: a sample of rank ``i``
+    (1-based; ties get their average rank) has ``i - 1`` others below it, so its mid-rank centile is
+    ``(i - 1 + 0.5) / S``; the smallest and largest samples lie beyond the range of the others and are
+    scored by the tail rule against them. This keeps a subject exchangeable with the samples.
+    """
+    n = samples.shape[1]
+    x = np.ascontiguousarray(np.swapaxes(samples, 1, 2))  # [R, D, S]: sorting along a contiguous axis
+    order = np.argsort(x, axis=-1)
+    srt = np.take_along_axis(x, order, axis=-1)
+    if np.any(srt[..., 1:] == srt[..., :-1]):
+        ranks = rankdata(x, axis=-1, method="average")
+        zs = np.take_along_axis(ndtri((ranks - 0.5) / n), order, axis=-1)
+    else:
+        # ranks are a permutation of 1..S: the scores are one table, scattered back below
+        zs = np.broadcast_to(ndtri((np.arange(1, n + 1) - 0.5) / n), x.shape).copy()
+    srt_rsd = np.swapaxes(srt, 1, 2)  # [R, S, D] view for the tail rule
+    z_min, _ = tail_z(srt[..., 0], srt_rsd[:, 1:])
+    _, z_max = tail_z(srt[..., -1], srt_rsd[:, :-1])
+    zs[..., 0] = np.where(srt[..., 0] < srt[..., 1], z_min, zs[..., 0])
+    zs[..., -1] = np.where(srt[..., -1] > srt[..., -2], z_max, zs[..., -1])
+    np.clip(zs, ndtri(CENTILE_FLOOR), -ndtri(CENTILE_FLOOR), out=zs)
+    z = np.empty_like(zs)
+    np.put_along_axis(z, order, zs, axis=-1)
+    return np.swapaxes(z, 1, 2)
+
+
+def ledoit_wolf_covariance(x: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf (2004) shrinkage towards a scaled identity, batched: ``x [R, n, D] -> [R, D, D]``.
+
+    Same estimator as ``sklearn.covariance.LedoitWolf`` (centred data, biased covariance), vectorised
+    over rows.
+    """
+    n, d = x.shape[1], x.shape[2]
+    xc = x - x.mean(axis=1, keepdims=True)
+    cov = np.einsum("rni,rnj->rij", xc, xc, optimize=True) / n
+    mu = np.trace(cov, axis1=1, axis2=2) / d
+    frob2 = np.sum(cov ** 2, axis=(1, 2))
+    delta = frob2 - 2 * mu * np.trace(cov, axis1=1, axis2=2) + d * mu ** 2  # ||cov - mu I||_F^2
+    sq_norms = np.sum(xc ** 2, axis=2)
+    beta_bar = (np.sum(sq_norms ** 2, axis=1) / n - frob2) / n
+    beta = np.minimum(beta_bar, delta)
+    shrink = np.where(delta > 0, beta / np.where(delta > 0, delta, 1), 0.0)
+    out = (1 - shrink)[:, None, None] * cov
+    idx = np.arange(d)
+    out[:, idx, idx] += (shrink * mu)[:, None]
+    return out
+
+
+def _mahalanobis(z, cov):
+    """``sqrt(z^T cov^-1 z)`` for ``z [R, m, D]``, ``cov [R, D, D]`` (SPD) -> ``[R, m]``."""
+    chol = np.linalg.cholesky(cov)
+    w = np.linalg.solve(chol, np.swapaxes(z, 1, 2))  # [R, D, m] = L^-1 z^T
+    return np.sqrt(np.sum(w ** 2, axis=1))
+
+
+def joint_deviation(values, samples, index=None) -> pd.DataFrame:
+    """Joint deviation of each row's ``values [R, D]`` from its ``samples [R, S, D]``.
+
+    Returns a DataFrame with ``joint_stat`` (Mahalanobis length of the normal-score vector),
+    ``joint_centile`` (strictly in (0, 1), uniform for in-distribution rows) and ``joint_z``, indexed
+    by ``index`` (default ``0..R-1``). Rows with any NaN value get NaN. Needs ``S >= 20``.
+    The split is deterministic (even/odd positions), so the result depends only on the row's data.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != 3 or values.shape != (samples.shape[0], samples.shape[2]):
+        raise ValueError(f"need values [R, D] and samples [R, S, D], got {values.shape} and {samples.shape}")
+    n_rows, n, d = samples.shape
+    if n < 20:
+        raise ValueError(f"joint_deviation needs at least 20 samples per row, got {n}")
+    stat = np.full(n_rows, np.nan)
+    centile = np.full(n_rows, np.nan)
+    chunk = max(1, _CHUNK_ELEMENTS // (n * d))
+    fit_idx, ref_idx = np.arange(0, n, 2), np.arange(1, n, 2)
+    for lo in range(0, n_rows, chunk):
+        sl = slice(lo, lo + chunk)
+        smp = samples[sl]
+        z_value = centiles_to_z(empirical_centiles(values[sl], smp)[0])
+        z_samples = normal_scores_loo(smp)
+        cov = ledoit_wolf_covariance(z_samples[:, fit_idx])
+        ref = _mahalanobis(z_samples[:, ref_idx], cov)  # [r, S/2]
+        ok = np.all(np.isfinite(z_value), axis=1)
+        subj = np.full(z_value.shape[0], np.nan)
+        if ok.any():
+            subj[ok] = _mahalanobis(z_value[ok][:, None, :], cov[ok])[:, 0]
+        c, _ = empirical_centiles(np.where(ok, subj, 0.0)[:, None], ref[:, :, None])
+        stat[sl] = subj
+        centile[sl] = np.where(ok, c[:, 0], np.nan)
+    return pd.DataFrame({"joint_stat": stat, "joint_centile": centile, "joint_z": centiles_to_z(centile)},
+                        index=index if index is not None else pd.RangeIndex(n_rows))

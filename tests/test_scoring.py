@@ -1,0 +1,165 @@
+"""Scoring: centiles, the tail rule, quantiles and the joint deviation score on known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+from scipy.special import ndtri
+
+from normdiff_bids.scoring import (
+    CENTILE_FLOOR,
+    centiles_to_z,
+    empirical_centiles,
+    interpolate_quantile_functions,
+    joint_deviation,
+    sample_quantiles,
+)
+from normdiff_bids.scoring.joint import ledoit_wolf_covariance, normal_scores_loo
+
+
+def test_mid_rank_centiles_on_a_hand_example():
+    samples = np.array([1.0, 2.0, 2.0, 3.0])[None, :, None]  # S = 4
+    values = np.array([[0.5], [1.0], [2.0], [2.5], [3.0]])
+    c, tail = empirical_centiles(values, np.repeat(samples, 5, axis=0))
+    # 1.0: (0 + 0.5 + 0.5)/5; 2.0: (1 + 1 + 0.5)/5; 2.5: (3 + 0.5)/5; 3.0: (3 + 0.5 + 0.5)/5
+    assert c[1:, 0] == pytest.approx([0.2, 0.5, 0.7, 0.8])
+    assert c[0, 0] < 0.2 and tail[:, 0].tolist() == [-1, 0, 0, 0, 0]
+
+
+def test_centiles_of_values_from_the_same_distribution_are_uniform():
+    # 2000 rows x 3 features, each value drawn like its 199 samples (different distributions per row)
+    rng = np.random.default_rng(0)
+    loc, scale = rng.normal(size=(2000, 1, 3)), rng.uniform(0.5, 2, size=(2000, 1, 3))
+    samples = loc + scale * rng.standard_gamma(3.0, size=(2000, 199, 3))
+    values = (loc + scale * rng.standard_gamma(3.0, size=(2000, 1, 3)))[:, 0]
+    c, tail = empirical_centiles(values, samples)
+    assert c.shape == (2000, 3) and tail.dtype == np.int8
+    assert np.all((c > 0) & (c < 1))
+    assert stats.kstest(c.ravel(), "uniform").statistic < 0.03
+    # about 1/(S+1) of values fall beyond each end of the samples
+    assert abs(np.mean(tail == 1) - 1 / 200) < 0.004 and abs(np.mean(tail == -1) - 1 / 200) < 0.004
+
+
+def test_tail_rule_is_monotone_finite_and_gaussian_in_a_gaussian_tail():
+    rng = np.random.default_rng(1)
+    samples = rng.normal(size=(1, 1000, 1))
+    grid = np.concatenate([np.linspace(-60, -3, 200), np.linspace(-3, 3, 400), np.linspace(3, 60, 200)])
+    c, tail = empirical_centiles(grid[:, None], np.repeat(samples, len(grid), axis=0))
+    z = centiles_to_z(c[:, 0])
+    assert np.all(np.isfinite(z)) and np.all(np.diff(c[:, 0]) >= 0)
+    beyond = tail[:, 0] != 0
+    assert np.all(np.diff(z[beyond & (grid > 0) & (c[:, 0] < 1 - CENTILE_FLOOR)]) > 0)
+    # beyond the largest of 1000 N(0,1) samples, z continues like the Gaussian: at 4.5 SD the tail
+    # rule scores 4.42 on average with an SD of 0.41 (200 rows: the mean is within 0.2 of 4.5)
+    many = rng.normal(size=(200, 1000, 1))
+    c45, t45 = empirical_centiles(np.tile([[4.5]], (200, 1)), many)
+    assert np.all(t45 == 1)
+    z45 = centiles_to_z(c45[:, 0])
+    assert abs(z45.mean() - 4.5) < 0.2 and z45.std() < 0.6
+    # extreme values saturate at the float64 floor symmetrically, never at 0 or 1
+    assert c[0, 0] == CENTILE_FLOOR and c[-1, 0] == 1 - CENTILE_FLOOR
+
+
+def test_tail_rule_with_tied_samples_stays_finite():
+    samples = np.zeros((2, 50, 1))
+    samples[:, 25:] = 1.0
+    c, tail = empirical_centiles(np.array([[5.0], [-5.0]]), samples)
+    assert np.all(np.isfinite(centiles_to_z(c))) and tail[:, 0].tolist() == [1, -1]
+
+
+def test_nan_values_give_nan_centiles_and_bad_shapes_are_named():
+    samples = np.random.default_rng(2).normal(size=(2, 30, 2))
+    c, tail = empirical_centiles(np.array([[np.nan, 0.0], [0.0, 0.0]]), samples)
+    assert np.isnan(c[0, 0]) and tail[0, 0] == 0 and np.isfinite(c[0, 1])
+    with pytest.raises(ValueError, match=r"values must be \[rows, features\]"):
+        empirical_centiles(np.zeros((3, 2)), samples)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        empirical_centiles(np.zeros((2, 2)), np.full((2, 30, 2), np.nan))
+
+
+def test_quantiles_invert_centiles_and_extrapolate_with_the_tail_rule():
+    rng = np.random.default_rng(3)
+    samples = rng.normal(2.0, 3.0, size=(100, 999, 2))
+    q = np.array([1e-4, 0.02, 0.25, 0.5, 0.75, 0.98, 1 - 1e-4])
+    quant = sample_quantiles(samples, q)
+    assert quant.shape == (100, 7, 2) and np.all(np.diff(quant, axis=1) > 0)
+    inner = quant[:, 1:-1]
+    for j in range(inner.shape[1]):
+        c, _ = empirical_centiles(inner[:, j], samples)
+        assert c == pytest.approx(q[1 + j], abs=1.0 / 1000)
+    # beyond the samples, the tail line: unbiased to within 0.15 SD on average over rows
+    assert quant[:, 0].mean() == pytest.approx(2 + 3 * ndtri(1e-4), abs=0.45)
+    assert quant[:, -1].mean() == pytest.approx(2 - 3 * ndtri(1e-4), abs=0.45)
+    with pytest.raises(ValueError, match="strictly inside"):
+        sample_quantiles(samples, [0.5, 1.0])
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    sklearn_cov = pytest.importorskip("sklearn.covariance")
+    x = np.random.default_rng(4).normal(size=(3, 40, 25)) @ np.random.default_rng(5).normal(size=(25, 25))
+    ours = ledoit_wolf_covariance(x)
+    for r in range(3):
+        assert ours[r] == pytest.approx(sklearn_cov.LedoitWolf().fit(x[r]).covariance_, rel=1e-8, abs=1e-10)
+
+
+def test_leave_one_out_normal_scores_are_standard_normal_like():
+    z = normal_scores_loo(np.random.default_rng(6).exponential(size=(2, 500, 3)))
+    assert z.shape == (2, 500, 3) and np.all(np.isfinite(z))
+    assert np.abs(z.mean(axis=1)).max() < 0.02 and np.abs(z.std(axis=1) - 1).max() < 0.05
+
+
+def _correlated(rng, rows, n, d, rho=0.6):
+    cov = rho * np.ones((d, d)) + (1 - rho) * np.eye(d)
+    chol = np.linalg.cholesky(cov)
+    return np.exp(rng.normal(size=(rows, n, d)) @ chol.T)  # log-normal marginals, correlated
+
+
+def test_joint_centile_is_uniform_in_distribution_and_large_for_an_outlier():
+    rng = np.random.default_rng(7)
+    rows, s, d = 400, 400, 12
+    samples = _correlated(rng, rows, s, d)
+    values = _correlated(rng, rows, 1, d)[:, 0]
+    out = joint_deviation(values, samples)
+    assert list(out.columns) == ["joint_stat", "joint_centile", "joint_z"] and len(out) == rows
+    assert np.all((out.joint_centile > 0) & (out.joint_centile < 1))
+    assert stats.kstest(out.joint_centile, "uniform").statistic < 0.08
+    # a profile that breaks the correlation (each IDP at an ordinary centile, signs alternating) is
+    # unusual jointly although no single IDP is
+    # (Mahalanobis length 8.2 where the chi_12 99.9th centile is 5.7)
+    pattern = np.tile(np.exp(np.where(np.arange(d) % 2 == 0, 1.5, -1.5)), (5, 1))
+    ref = _correlated(rng, 5, 1000, d)
+    assert np.all(np.abs(centiles_to_z(empirical_centiles(pattern, ref)[0])) < 1.7)
+    odd = joint_deviation(pattern, ref)
+    assert np.all(odd.joint_centile > 0.995) and np.all(odd.joint_z > 2.5)
+    np.testing.assert_allclose(out.joint_z, ndtri(out.joint_centile))
+
+
+def test_joint_deviation_handles_d_close_to_s_and_missing_values():
+    rng = np.random.default_rng(8)
+    samples = rng.normal(size=(3, 200, 150))
+    values = rng.normal(size=(3, 150))
+    values[1, 3] = np.nan
+    out = joint_deviation(values, samples, index=["a", "b", "c"])
+    assert list(out.index) == ["a", "b", "c"]
+    assert np.isnan(out.loc["b", "joint_centile"]) and np.isfinite(out.loc[["a", "c"], "joint_z"]).all()
+    with pytest.raises(ValueError, match="at least 20 samples"):
+        joint_deviation(values, samples[:, :10])
+
+
+def test_joint_deviation_is_row_independent():
+    rng = np.random.default_rng(9)
+    samples, values = rng.normal(size=(4, 100, 5)), rng.normal(size=(4, 5))
+    full = joint_deviation(values, samples)
+    alone = joint_deviation(values[2:3], samples[2:3])
+    np.testing.assert_array_equal(full.iloc[2].to_numpy(), alone.iloc[0].to_numpy())
+
+
+def test_interpolated_quantile_functions_keep_the_nearer_points_ranks():
+    rng = np.random.default_rng(10)
+    a = rng.normal(0.0, 1.0, size=(2, 300, 2))
+    b = rng.normal(4.0, 2.0, size=(2, 300, 2))
+    mid = interpolate_quantile_functions(a, b, np.array([1.0, 0.5]))
+    np.testing.assert_allclose(mid[0], a[0])
+    assert mid[1].mean(axis=0) == pytest.approx(0.5 * a[1].mean(0) + 0.5 * b[1].mean(0))
+    np.testing.assert_array_equal(np.argsort(mid[1], axis=0), np.argsort(a[1], axis=0))
