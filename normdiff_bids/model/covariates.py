@@ -1,0 +1,277 @@
+"""Covariates as the network sees them: a schema learned from the training table, and the encoder module.
+
+Continuous covariates (age, any extra numeric one) are standardised with the training mean and SD;
+categorical ones (sex, site, any non-numeric one) become learned embeddings. Every categorical covariate
+has an ``unknown`` level (index 0); for site it is trained by embedding dropout, so scoring a person
+from a site never seen in training can use the model's marginal over sites when asked to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from normdiff_bids.errors import InputError, ProblemCollector
+
+#: Covariates that are categorical whatever their dtype (sex is often coded 0/1, sites as integers).
+CATEGORICAL_NAMES = ("sex", "site")
+#: Categorical covariates whose ``unknown`` level is trained (embedding dropout) and so can be scored
+#: as the marginal over levels.
+MARGINAL_NAMES = ("site",)
+_MISSING_STRINGS = {"", "n/a", "na", "nan", "none", "null"}
+_SEX_ALIASES = {"f": "F", "female": "F", "m": "M", "male": "M"}
+#: Index of the ``unknown`` level in every categorical embedding.
+UNKNOWN_INDEX = 0
+
+
+def _level_string(value, name: str) -> str | None:
+    """One categorical value as the level string stored in the schema (None when missing)."""
+    if value is None:
+        return None
+    if isinstance(value, float | np.floating):
+        if not math.isfinite(value):
+            return None
+        if float(value).is_integer():
+            value = int(value)
+    if isinstance(value, np.integer | bool | np.bool_):
+        value = int(value)
+    text = str(value).strip()
+    if text.lower() in _MISSING_STRINGS:
+        return None
+    if name == "sex":
+        text = _SEX_ALIASES.get(text.lower(), text)
+    return text
+
+
+@dataclass
+class ContinuousCovariate:
+    """A numeric covariate, standardised with the training mean and SD; min/max bound the training range."""
+
+    name: str
+    mean: float
+    sd: float
+    min: float
+    max: float
+
+
+@dataclass
+class CategoricalCovariate:
+    """A categorical covariate: sorted training levels; level ``i`` is embedding index ``i + 1``."""
+
+    name: str
+    levels: list[str]
+    marginal: bool = False  # the unknown level is trained, so unseen levels may be scored as the marginal
+
+    def index(self, level: str) -> int:
+        return self.levels.index(level) + 1
+
+
+@dataclass
+class CovariateSchema:
+    """What the model knows about its covariates: names, kinds, standardisation, levels.
+
+    >>> schema = CovariateSchema.from_table(train, ["age", "sex", "site"])
+    >>> cont, cat = schema.encode(test)   # float32 [R, n_cont], int64 [R, n_cat]
+
+    Missing values encode as NaN (continuous) and -1 (categorical); :meth:`missing_rows` finds them.
+    """
+
+    names: list[str]
+    continuous: list[ContinuousCovariate] = field(default_factory=list)
+    categorical: list[CategoricalCovariate] = field(default_factory=list)
+
+    # -- learning ---------------------------------------------------------------------------------
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, names: Sequence[str],
+                   marginal: Iterable[str] = MARGINAL_NAMES) -> CovariateSchema:
+        """Learn the schema from the rows of ``table`` that will train the model."""
+        names = list(names)
+        marginal = set(marginal)
+        problems = ProblemCollector()
+        if len(set(names)) != len(names):
+            problems.add(f"covariates are listed more than once: {names}")
+        missing = [n for n in names if n not in table.columns]
+        if missing:
+            problems.add(f"covariate columns missing from the table: {missing}; "
+                         f"the table has {list(table.columns)}")
+        problems.raise_if_any(header="the covariates cannot be used")
+        schema = cls(names=names)
+        for name in names:
+            column = table[name]
+            if _is_categorical(name, column):
+                levels = sorted({lv for lv in (_level_string(v, name) for v in column) if lv is not None})
+                if not levels:
+                    problems.add(f"covariate '{name}' has no values")
+                    continue
+                schema.categorical.append(CategoricalCovariate(name, levels, marginal=name in marginal))
+            else:
+                values = _numeric_column(column, name, problems)
+                finite = values[np.isfinite(values)]
+                if finite.size == 0:
+                    problems.add(f"covariate '{name}' has no values")
+                    continue
+                sd = float(finite.std())
+                if not sd > 0:
+                    problems.add(f"covariate '{name}' is constant ({finite[0]!r}) in the training rows; "
+                                 f"drop it from the covariates")
+                    continue
+                schema.continuous.append(ContinuousCovariate(
+                    name, float(finite.mean()), sd, float(finite.min()), float(finite.max())))
+        problems.raise_if_any(header="the covariates cannot be used")
+        return schema
+
+    # -- encoding ---------------------------------------------------------------------------------
+    @property
+    def n_continuous(self) -> int:
+        return len(self.continuous)
+
+    @property
+    def n_categorical(self) -> int:
+        return len(self.categorical)
+
+    def encode(self, table: pd.DataFrame, unknown: str = "error") -> tuple[np.ndarray, np.ndarray]:
+        """Encode ``table`` as ``(cont float32 [R, n_cont], cat int64 [R, n_cat])``.
+
+        ``unknown="error"`` raises :class:`InputError` naming levels never seen in training;
+        ``unknown="marginal"`` maps unseen levels of the covariates trained with an unknown level
+        (site) to that level, i.e. scores them under the model's marginal over sites.
+        """
+        if unknown not in ("error", "marginal"):
+            raise ValueError(f"unknown must be 'error' or 'marginal', not {unknown!r}")
+        problems = ProblemCollector()
+        missing = [n for n in self.names if n not in table.columns]
+        if missing:
+            raise InputError(f"covariate columns missing from the table: {missing}; the model was "
+                             f"trained with covariates {self.names}")
+        cont = np.empty((len(table), self.n_continuous), dtype=np.float32)
+        for j, cov in enumerate(self.continuous):
+            values = _numeric_column(table[cov.name], cov.name, problems)
+            cont[:, j] = ((values - cov.mean) / cov.sd).astype(np.float32)
+        cat = np.empty((len(table), self.n_categorical), dtype=np.int64)
+        for j, cov in enumerate(self.categorical):
+            lookup = {lv: i + 1 for i, lv in enumerate(cov.levels)}
+            levels = [_level_string(v, cov.name) for v in table[cov.name]]
+            unseen = sorted({lv for lv in levels if lv is not None and lv not in lookup})
+            if unseen and not (unknown == "marginal" and cov.marginal):
+                fix = (f"pass unknown_site='marginal' to score them under the model's marginal over "
+                       f"{cov.name}s, or drop those rows" if cov.marginal else "recode or drop those rows")
+                problems.add(f"covariate '{cov.name}' has levels never seen in training: {unseen}; "
+                             f"known levels are {cov.levels}; {fix}")
+                continue
+            cat[:, j] = [-1 if lv is None else lookup.get(lv, UNKNOWN_INDEX) for lv in levels]
+        problems.raise_if_any(header="the covariates cannot be encoded")
+        return cont, cat
+
+    def missing_rows(self, cont: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        """Rows with a missing covariate (they cannot be scored)."""
+        return ~np.isfinite(cont).all(axis=1) | (cat < 0).any(axis=1)
+
+    def out_of_range(self, cont: np.ndarray) -> np.ndarray:
+        """Rows whose continuous covariates lie outside the training range (scored by extrapolation)."""
+        flags = np.zeros(len(cont), dtype=bool)
+        for j, cov in enumerate(self.continuous):
+            lo, hi = (cov.min - cov.mean) / cov.sd, (cov.max - cov.mean) / cov.sd
+            # float32 encoding: allow its rounding at the boundary itself
+            tol = 1e-6 * max(1.0, abs(lo), abs(hi))
+            flags |= (cont[:, j] < lo - tol) | (cont[:, j] > hi + tol)
+        return flags
+
+    def decode_continuous(self, cont: np.ndarray) -> np.ndarray:
+        """Standardised continuous covariates back in original units."""
+        means = np.array([c.mean for c in self.continuous])
+        sds = np.array([c.sd for c in self.continuous])
+        return cont.astype(np.float64) * sds + means
+
+    # -- persistence ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"names": list(self.names),
+                "continuous": [asdict(c) for c in self.continuous],
+                "categorical": [asdict(c) for c in self.categorical]}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> CovariateSchema:
+        return cls(names=list(state["names"]),
+                   continuous=[ContinuousCovariate(**c) for c in state["continuous"]],
+                   categorical=[CategoricalCovariate(**{**c, "levels": list(c["levels"])})
+                                for c in state["categorical"]])
+
+
+def _is_categorical(name: str, column: pd.Series) -> bool:
+    if name in CATEGORICAL_NAMES:
+        return True
+    return not (pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column))
+
+
+def _numeric_column(column: pd.Series, name: str, problems: ProblemCollector) -> np.ndarray:
+    """A column as float64; values that are present but not numbers are reported, missing ones are NaN."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = [(idx, raw) for idx, raw, v in zip(column.index, column, values)
+               if np.isnan(v) and _level_string(raw, name) is not None]
+        if bad:
+            shown = ", ".join(f"row {idx}: {raw!r}" for idx, raw in bad[:5])
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            problems.add(f"covariate '{name}' must be numeric; {shown}{more}; write numbers, "
+                         f"or 'n/a' for missing")
+    values = values.copy()
+    values[~np.isfinite(values)] = np.nan
+    return values
+
+
+@dataclass
+class CovariateEncoderConfig:
+    """Hyper-parameters of :class:`CovariateEncoder` (saved in the model bundle).
+
+    ``embedding_dim``: width of each categorical embedding, capped by the number of levels + 1 (a
+    2-level sex needs no more than 3 numbers). ``unknown_dropout``: probability, per training row, of
+    replacing a site by the unknown level, so the unknown level learns the marginal over sites (10%
+    leaves each known site 90% of its rows while giving the unknown level a sample of every site).
+    """
+
+    embedding_dim: int = 8
+    unknown_dropout: float = 0.1
+
+
+class CovariateEncoder(nn.Module):
+    """Map encoded covariates to the conditioning vector of the backbone.
+
+    Shapes: ``cont`` float [B, n_cont], ``cat`` int64 [B, n_cat] -> ``cond`` [B, C] with
+    ``C = n_cont + sum(embedding widths)`` (:attr:`cond_dim`). Rows are independent of each other.
+    In training mode, covariates trained with an unknown level are replaced by it with probability
+    ``config.unknown_dropout``, using ``generator`` when given (reproducible training).
+    """
+
+    def __init__(self, schema: CovariateSchema, config: CovariateEncoderConfig | None = None):
+        super().__init__()
+        self.config = config or CovariateEncoderConfig()
+        self.n_continuous = schema.n_continuous
+        self.embeddings = nn.ModuleList()
+        widths = []
+        for cov in schema.categorical:
+            n = len(cov.levels) + 1
+            width = min(self.config.embedding_dim, n)
+            self.embeddings.append(nn.Embedding(n, width))
+            widths.append(width)
+        self.register_buffer("marginal", torch.tensor([c.marginal for c in schema.categorical],
+                                                       dtype=torch.bool), persistent=False)
+        self.cond_dim = self.n_continuous + sum(widths)
+
+    def forward(self, cont: torch.Tensor, cat: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.training and self.config.unknown_dropout > 0 and bool(self.marginal.any()):
+            # drawn on the generator's device (training draws all randomness from one CPU stream)
+            u = torch.rand(cat.shape, generator=generator,
+                           device=generator.device if generator is not None else cat.device)
+            drop = u.to(cat.device) < self.config.unknown_dropout
+            cat = torch.where(drop & self.marginal, torch.full_like(cat, UNKNOWN_INDEX), cat)
+        parts = [cont.to(torch.float32)]
+        parts += [emb(cat[:, j]) for j, emb in enumerate(self.embeddings)]
+        return torch.cat(parts, dim=1)

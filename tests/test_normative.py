@@ -1,0 +1,294 @@
+"""NormativeDiffusion: contracts, reproducibility, batch independence, persistence, bad input, calibration."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.special import ndtri
+
+from normdiff_bids import NormativeDiffusion, load_model
+from normdiff_bids.data.synthetic import SyntheticCohort
+from normdiff_bids.errors import InputError
+from normdiff_bids.model.bundle import BundleError
+from normdiff_bids.scoring.joint import joint_deviation
+
+TINY = {"hidden": 32, "n_blocks": 2, "time_embed_dim": 16}
+SCORE_COLUMNS = ["participant_id", "idp", "value", "centile", "z", "tail", "extrapolated", "joint_stat",
+                 "joint_centile", "joint_z"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny networks run fastest (and most predictably on a shared machine) on one thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return SyntheticCohort(n_idps=3, n_sites=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def train(cohort):
+    return cohort.sample(400, seed=1)
+
+
+@pytest.fixture(scope="module")
+def test(cohort):
+    return cohort.sample(12, seed=2)
+
+
+def tiny_model(**overrides):
+    params = dict(seed=0, epochs=8, n_samples=60, steps=8, backbone_config=TINY, verbose=False)
+    return NormativeDiffusion(**{**params, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model(train):
+    return tiny_model().fit(train)
+
+
+# ----------------------------------------------------------------------------------------------- contracts
+def test_fit_learns_documented_attributes(model, cohort, train):
+    assert model.idps_ == cohort.idps  # idps=None: every numeric column but covariates and ids
+    assert model.n_features_in_ == 3 and model.n_dropped_ == 0
+    assert model.n_train_ == 360  # validation_fraction=0.1
+    assert list(model.history_.columns) == ["epoch", "train_loss", "val_loss", "lr"]
+    assert np.isfinite(model.history_["train_loss"]).all()
+    assert model.training_summary_["checkpoint"] == "best"
+    assert [c.name for c in model.covariate_schema_.categorical] == ["sex", "site"]
+    card = model.model_card()
+    json.dumps(card)
+    assert card["idps"] == cohort.idps and card["sampler"] == "dpmpp2m"
+    assert card["scoring_grid"]["covariate"] == "age"
+
+
+def test_init_only_stores_and_params_round_trip():
+    m = NormativeDiffusion(backbone="nonsense", lr=-1)  # validated by fit, not by __init__
+    assert m.get_params()["backbone"] == "nonsense"
+    m.set_params(backbone="film-mlp", lr=1e-3)
+    assert m.backbone == "film-mlp" and "lr=0.001" in repr(m)
+    with pytest.raises(ValueError, match="invalid parameter 'depth'"):
+        m.set_params(depth=3)
+    with pytest.raises(ValueError, match="backbone='nonsense'"):
+        NormativeDiffusion(backbone="nonsense").fit(pd.DataFrame({"age": [1.0]}))
+
+
+def test_prediction_shapes_and_ranges(model, test, cohort):
+    samples = model.sample(test, n_samples=25)
+    assert samples.shape == (12, 25, 3) and np.isfinite(samples).all()
+    q = model.predict_quantiles(test, [0.1, 0.5, 0.9])
+    assert q.shape == (12, 9) and list(q.columns.names) == ["idp", "q"]
+    assert (q[(cohort.idps[0], 0.1)] < q[(cohort.idps[0], 0.9)]).all()
+    centiles = model.predict_centiles(test)
+    assert list(centiles.columns) == cohort.idps and centiles.index.equals(test.index)
+    assert ((centiles > 0) & (centiles < 1)).all().all()
+    z = model.predict_zscores(test)
+    np.testing.assert_allclose(z.to_numpy(), ndtri(centiles.to_numpy()))
+
+
+def test_score_is_tidy_with_joint_deviation(model, test, cohort):
+    scores = model.score(test)
+    assert list(scores.columns) == SCORE_COLUMNS
+    assert len(scores) == 12 * 3
+    assert scores["idp"].tolist()[:3] == cohort.idps
+    first = scores[scores["participant_id"] == test["participant_id"].iloc[0]]
+    np.testing.assert_allclose(first["value"], test.loc[test.index[0], cohort.idps].to_numpy(float))
+    assert first["joint_centile"].nunique() == 1 and 0 < first["joint_centile"].iloc[0] < 1
+    assert set(scores["tail"]) <= {-1, 0, 1} and not scores["extrapolated"].any()
+    # without ids the table index names the rows; sessions are carried
+    no_id = model.score(test.drop(columns="participant_id").assign(session_id="ses-1"))
+    assert list(no_id.columns[:3]) == ["row", "session_id", "idp"]
+    np.testing.assert_array_equal(no_id["centile"], scores["centile"])
+
+
+# ------------------------------------------------------------------------------- exactness and sharing
+def test_a_subject_scored_alone_gets_exactly_its_cohort_scores(model, test):
+    together = model.score(test)
+    for i in (0, 7):
+        alone = model.score(test.iloc[[i]])
+        mine = together[together["participant_id"] == test["participant_id"].iloc[i]]
+        for col in ("centile", "z", "joint_stat", "joint_centile"):
+            np.testing.assert_array_equal(alone[col].to_numpy(), mine[col].to_numpy())
+    exact = model.set_params(covariate_grid="off")
+    try:
+        together = exact.predict_centiles(test)
+        alone = exact.predict_centiles(test.iloc[[3]])
+        np.testing.assert_array_equal(alone.to_numpy(), together.iloc[[3]].to_numpy())
+    finally:
+        model.set_params(covariate_grid="auto")
+
+
+def test_identical_covariates_share_samples_and_seed_changes_them(model, test):
+    twins = pd.concat([test.iloc[[0]], test.iloc[[0]], test.iloc[[1]]], ignore_index=True)
+    s = model.sample(twins, n_samples=30)
+    np.testing.assert_array_equal(s[0], s[1])
+    assert not np.array_equal(s[0], s[2])
+    other = model.set_params(seed=1)
+    try:
+        assert not np.array_equal(other.sample(twins.iloc[[0]], n_samples=30)[0], s[0])
+    finally:
+        model.set_params(seed=0)
+
+
+def test_same_seed_gives_bit_identical_models_and_scores(train, test):
+    a = tiny_model(epochs=3).fit(train)
+    b = tiny_model(epochs=3).fit(train)
+    for (k, va), (_, vb) in zip(a.network_.state_dict().items(), b.network_.state_dict().items()):
+        assert torch.equal(va, vb), k
+    pd.testing.assert_frame_equal(a.score(test), b.score(test))
+    c = tiny_model(epochs=3, seed=5).fit(train)
+    assert not torch.equal(a.network_.head.weight, c.network_.head.weight)
+
+
+def test_grid_scoring_agrees_with_exact_scoring(model, cohort):
+    table = cohort.sample(40, seed=3)
+    grid = model.set_params(n_samples=400).predict_centiles(table).to_numpy()
+    exact = model.set_params(covariate_grid="off").predict_centiles(table).to_numpy()
+    model.set_params(covariate_grid="auto", n_samples=60)
+    # the two differ by Monte Carlo noise (independent draws, SD about 0.02 at 400 draws) and the
+    # interpolation error, which is much smaller
+    assert np.abs(grid - exact).mean() < 0.03
+    assert np.abs(grid - exact).max() < 0.15
+
+
+def test_joint_scores_equal_the_scoring_module_on_the_same_draws(model, test, cohort):
+    model.set_params(covariate_grid="off")
+    try:
+        scores = model.score(test)
+        samples = model.sample(test)  # exact draws at each row: the ones scoring used
+    finally:
+        model.set_params(covariate_grid="auto")
+    expected = joint_deviation(test[cohort.idps].to_numpy(float), samples)
+    got = scores.groupby("participant_id", sort=False)[["joint_stat", "joint_centile"]].first()
+    np.testing.assert_allclose(got["joint_stat"], expected["joint_stat"], rtol=1e-6)
+    np.testing.assert_allclose(got["joint_centile"], expected["joint_centile"], rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- persistence
+def test_save_load_round_trip_gives_identical_scores(model, test, tmp_path):
+    path = model.save(tmp_path / "model")
+    loaded = load_model(path)
+    pd.testing.assert_frame_equal(loaded.score(test), model.score(test))
+    assert loaded.model_card()["idps"] == model.idps_
+    pd.testing.assert_frame_equal(loaded.history_, model.history_, check_dtype=False)
+    with pytest.raises(FileExistsError):
+        model.save(path)
+    model.save(path, overwrite=True)
+
+
+def test_tampered_bundle_is_refused(model, tmp_path):
+    path = model.save(tmp_path / "model")
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_model(path)
+    meta = json.loads((path / "model.json").read_text())
+    meta["estimator"] = "SomethingElse"
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError):
+        load_model(path)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_training_tables_are_refused_with_named_columns(train, cohort):
+    m = tiny_model(epochs=1)
+    with pytest.raises(InputError, match=r"covariate columns missing from the table: \['site'\]"):
+        m.fit(train.drop(columns="site"))
+    with pytest.raises(InputError, match=r"IDP columns missing from the table: \['Left-Nothing'\]"):
+        m.fit(train, idps=[cohort.idps[0], "Left-Nothing"])
+    with pytest.raises(InputError, match=r"constant in the training rows: \['flat'\]"):
+        m.fit(train.assign(flat=1.0))
+    with pytest.raises(InputError, match="'words'"):
+        m.fit(train.assign(words="x"), idps=[cohort.idps[0], "words"])
+    few = train.head(30).copy()
+    few.loc[few.index[:15], cohort.idps[0]] = np.nan
+    with pytest.raises(InputError, match="only 15 of 30 rows"):
+        m.fit(few)
+
+
+def test_rows_with_missing_values_are_dropped_and_counted(train, cohort):
+    dirty = train.copy()
+    dirty.loc[dirty.index[:5], cohort.idps[1]] = np.nan
+    dirty.loc[dirty.index[5], cohort.idps[2]] = np.inf
+    dirty.loc[dirty.index[6], "age"] = np.nan
+    with pytest.warns(UserWarning, match="7 of 400 training rows"):
+        m = tiny_model(epochs=1).fit(dirty)
+    assert m.n_dropped_ == 7 and m.training_summary_["n_dropped"] == 7
+
+
+def test_scoring_marks_missing_values_and_names_missing_idps(model, test, cohort):
+    with pytest.raises(InputError, match=r"lacks 1 of the model's 3 IDP columns: \['" + cohort.idps[2]):
+        model.score(test.drop(columns=cohort.idps[2]))
+    holes = test.copy()
+    holes.loc[holes.index[0], cohort.idps[1]] = np.nan
+    holes.loc[holes.index[1], "age"] = np.nan
+    with pytest.warns(UserWarning, match="1 rows have a missing covariate"):
+        c = model.predict_centiles(holes)
+    assert np.isnan(c.iloc[0, 1]) and np.isfinite(c.iloc[0, [0, 2]]).all()
+    assert c.iloc[1].isna().all() and np.isfinite(c.iloc[2:].to_numpy()).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = model.score(holes)
+    assert scores.loc[scores["participant_id"] == holes["participant_id"].iloc[0], "joint_z"].isna().all()
+
+
+def test_unseen_site_and_out_of_range_age(model, test):
+    new_site = test.head(2).assign(site="siteX")
+    with pytest.raises(InputError, match=r"never seen in training: \['siteX'\].*unknown_site='marginal'"):
+        model.score(new_site)
+    model.set_params(unknown_site="marginal")
+    try:
+        c = model.predict_centiles(new_site)
+        assert np.isfinite(c.to_numpy()).all()
+    finally:
+        model.set_params(unknown_site="error")
+    old = test.head(3).assign(age=[40.0, 150.0, 1.0])
+    scores = model.score(old).groupby("participant_id", sort=False)["extrapolated"].first()
+    assert scores.tolist() == [False, True, True]
+
+
+def test_paper_preset_and_ema_options_run(train, test):
+    m = tiny_model(preset="paper", epochs=2, n_samples=20, steps=None).fit(train)
+    assert m.diffusion_config_.prediction == "eps" and m.model_card()["sampler"] == "ddpm"
+    assert m.model_card()["steps"] == 100 and m.training_summary_["checkpoint"] == "final"
+    assert np.isfinite(m.predict_centiles(test.head(2)).to_numpy()).all()
+    e = tiny_model(ema_decay=0.9, epochs=2, validation_fraction=0.0).fit(train)
+    assert e.training_summary_["n_validation"] == 0 and e.training_summary_["checkpoint"] == "final"
+
+
+def test_quantile_normal_preprocessing_round_trips(train, test, tmp_path):
+    m = tiny_model(preprocessing="quantile-normal", epochs=2).fit(train)
+    scores = m.score(test)
+    assert scores["centile"].between(0, 1, inclusive="neither").all()
+    q = m.predict_quantiles(test.head(2), [0.5])
+    assert (q.to_numpy() > 0).all()  # back in original units (volumes, thickness, area)
+    pd.testing.assert_frame_equal(load_model(m.save(tmp_path / "qn")).score(test), scores)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+@pytest.mark.slow
+def test_centiles_are_calibrated_against_the_true_distribution(cohort):
+    """Given a synthetic cohort with exact conditional CDFs, model centiles track the true ones."""
+    train = cohort.sample(1500, seed=11)
+    test = cohort.sample(150, seed=12)
+    m = NormativeDiffusion(seed=0, epochs=60, n_samples=200, backbone_config={"hidden": 64, "n_blocks": 2},
+                           verbose=False).fit(train)
+    truth = cohort.cdf(test).to_numpy()
+    err = np.abs(m.predict_centiles(test).to_numpy() - truth).mean()
+    # a model asked about the wrong people (covariates shuffled between rows) must do clearly worse
+    rng = np.random.default_rng(0)
+    shuffled = test.assign(**{c: test[c].to_numpy()[rng.permutation(len(test))]
+                              for c in ("age", "sex", "site")})
+    wrong = np.abs(m.predict_centiles(shuffled).to_numpy() - truth).mean()
+    assert err < 0.08
+    assert wrong > err + 0.04
