@@ -1,0 +1,145 @@
+"""Argument parser of the ``normdiff-bids`` BIDS-App (argparse only: building it runs nothing)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from normdiff_bids._version import __version__
+
+#: Nipype execution plugins the BIDS-App accepts (HPC plugins take ``--plugin-args``).
+PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "PBS", "LSF")
+BACKBONES = ("film-mlp", "saint")
+DEFAULT_MODEL_NAME = "default"
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 0.9:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0 and below 0.9")
+    return value
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _model_name(text: str) -> str:
+    if not _MODEL_NAME.match(text) or text in {".", ".."}:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a valid model name; use letters, digits, '.', '_' or '-' (no slashes)")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The BIDS-App parser: ``normdiff-bids BIDS_DIR OUTPUT_DIR {group,participant} [options]``."""
+    parser = argparse.ArgumentParser(
+        prog="normdiff-bids",
+        description=(
+            "Joint normative models of FreeSurfer IDPs with conditional denoising diffusion. "
+            "'group' fits a model on the reference participants, evaluates it on a held-out split and "
+            "writes group tables and a report; 'participant' scores participants against a trained "
+            "model and writes their deviation tables, maps and reports. Both levels can be given in one "
+            "call ('group participant'); group always runs first."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path,
+                        help="the raw BIDS dataset (participants.tsv holds the covariates)")
+    parser.add_argument("output_dir", type=Path,
+                        help="the derivatives folder to write (recommended: BIDS_DIR/derivatives/normdiff)")
+    parser.add_argument("analysis_level", nargs="+", choices=("group", "participant"),
+                        metavar="{group,participant}",
+                        help="processing stage(s): group (fit + evaluate + group outputs), "
+                             "participant (score)")
+    parser.add_argument("--version", action="version", version=f"normdiff-bids {__version__}")
+
+    sel = parser.add_argument_group("Selecting data")
+    sel.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL", default=None,
+                     help="participants to process (with or without 'sub-'); default: all")
+    sel.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL", default=None,
+                     help="sessions to process (with or without 'ses-'); default: all")
+    sel.add_argument("--fs-dir", type=Path, default=None,
+                     help="FreeSurfer SUBJECTS_DIR; default: BIDS_DIR/derivatives/freesurfer, then "
+                          "derivatives/{fmriprep,smriprep}/sourcedata/freesurfer")
+    sel.add_argument("--idp-set", nargs="+", default=["aseg"], metavar="SET",
+                     help="IDPs to model: named sets (aseg, aparc-thickness, aparc-area, aparc-volume, "
+                          "global, all, ...), IDP names or globs")
+    sel.add_argument("--reference-query", default=None, metavar="QUERY",
+                     help="pandas query over participants.tsv columns selecting the normative reference, "
+                          "e.g. \"diagnosis == 'HC'\"; default: every participant")
+    sel.add_argument("--age-column", default="age", help="participants.tsv / sessions.tsv column holding age")
+    sel.add_argument("--sex-column", default="sex", help="participants.tsv column holding sex")
+    sel.add_argument("--site-column", default="site",
+                     help="participants.tsv column holding the acquisition site ('none' if there is none)")
+
+    mod = parser.add_argument_group("Model")
+    mod.add_argument("--model", type=Path, default=None,
+                     help="participant level: the model bundle to score against; default: "
+                          "OUTPUT_DIR/models/<model-name>, as written by the group level")
+    mod.add_argument("--model-name", type=_model_name, default=DEFAULT_MODEL_NAME,
+                     help="name of the model folder under OUTPUT_DIR/models/")
+    mod.add_argument("--overwrite-model", action="store_true",
+                     help="group level: replace an existing, different model of the same name "
+                          "(default: refuse, so a trained model is never lost)")
+    mod.add_argument("--backbone", choices=BACKBONES, default="film-mlp", help="denoising network")
+    mod.add_argument("--epochs", type=_positive_int, default=None,
+                     help="training epochs; default: a budget chosen from N and D, with early stopping")
+    mod.add_argument("--n-samples", type=_positive_int, default=None,
+                     help="model samples drawn per participant to score centiles; default: the model's")
+    mod.add_argument("--holdout-fraction", type=_fraction, default=0.2,
+                     help="share of the reference held out (stratified by site and sex) to evaluate "
+                          "the model")
+    mod.add_argument("--unknown-site", choices=("error", "marginal"), default="error",
+                     help="participants from a site the model never saw: stop with an error, or score them "
+                          "against the mixture over the training sites")
+    mod.add_argument("--model-options", default=None, metavar="JSON",
+                     help="further NormativeDiffusion hyper-parameters as a JSON object, e.g. "
+                          "'{\"sampler\": \"ddpm\", \"backbone_config\": {\"width\": 128}}'")
+    mod.add_argument("--seed", type=_non_negative_int, default=0,
+                     help="random seed (train/held-out split, training, sampling)")
+    mod.add_argument("--device", type=_device, default="auto",
+                     help="torch device: auto (cuda if present), cpu, cuda, cuda:N")
+
+    run = parser.add_argument_group("Execution")
+    run.add_argument("-w", "--work-dir", type=Path, default=None,
+                     help="Nipype working folder (cache): rerunning with the same folder resumes a crashed "
+                          "run; default: a temporary folder removed at the end")
+    run.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=None,
+                     help="processes for the MultiProc plugin; default: all CPUs")
+    run.add_argument("--plugin", choices=PLUGINS, default=None,
+                     help="Nipype plugin; default: MultiProc, or Linear when --nprocs is 1")
+    run.add_argument("--plugin-args", default=None, metavar="JSON",
+                     help="plugin arguments as a JSON object, e.g. '{\"sbatch_args\": \"-p short\"}'")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (sets NORMDIFF_QUIET=1)")
+    run.add_argument("-v", "--verbose", action="count", default=0,
+                     help="more log output (-vv: Nipype node messages and full tracebacks)")
+    return parser

@@ -1,0 +1,500 @@
+"""The ``normdiff-bids`` BIDS-App: check every input first, then build and run the Nipype workflows.
+
+Inputs are validated in this process before anything is written (a bad input stops the run with one
+message naming the culprit and leaves the output folder untouched); a failure inside a Nipype node is
+translated back into the message of the error that caused it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normdiff_bids.cli.parser import build_parser
+from normdiff_bids.errors import InputError, NormdiffError, OutputError, ProblemCollector
+
+#: Error classes whose message is written for the user; a node crash carrying one of them is shown as it.
+_ERROR_PATTERN = re.compile(r"^([ \t]*)(?:normdiff_bids\.[\w.]+\.)?(\w*Error): ", re.MULTILINE)
+_COVARIATE_NAMES = ("age", "sex", "site")
+
+
+@dataclass
+class Plan:
+    """Everything the run needs, resolved and checked."""
+
+    bids_dir: Path
+    output_dir: Path
+    levels: list[str]
+    participant_label: list[str] | None
+    session_label: list[str] | None
+    fs_dir: Path | None
+    covariates: list[str]
+    columns: dict = field(default_factory=dict)
+    reference_participants: list[str] | None = None
+    model_dir: Path | None = None
+    model_options: dict | None = None
+    model: object = None  # the loaded model (participant level)
+    rows: list[dict] = field(default_factory=list)  # rows the participant level writes files for
+    table: object = None  # the IDP table collected while checking (pandas DataFrame)
+
+
+def main(argv=None) -> int:
+    """Run the BIDS-App; return the exit status (0 success, 2 bad input, 3 unsafe output folder)."""
+    opts = build_parser().parse_args(argv)
+    # Set before nipype is first imported: no network version check, and quiet worker processes.
+    saved = {k: os.environ.get(k) for k in ("NIPYPE_NO_ET", "NORMDIFF_QUIET")}
+    os.environ["NIPYPE_NO_ET"] = "1"
+    if opts.quiet:
+        os.environ["NORMDIFF_QUIET"] = "1"
+    try:
+        return run(opts)
+    except NormdiffError as exc:
+        _say(f"normdiff-bids: error: {exc}", always=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say("normdiff-bids: interrupted", always=True)
+        return 130
+    except Exception as exc:  # a failure nobody foresaw: one line, the traceback only when asked for
+        if opts.verbose >= 2:
+            raise
+        _say(f"normdiff-bids: unexpected error: {type(exc).__name__}: {exc} (rerun with -vv for the full "
+             f"traceback, and please report it)", always=True)
+        return 1
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run(opts) -> int:
+    """Check the inputs of ``opts`` (parsed arguments), then run the requested levels in order."""
+    start = time.monotonic()
+    levels = [lv for lv in ("group", "participant") if lv in opts.analysis_level]
+    plan = check_inputs(opts, levels)
+
+    from normdiff_bids.outputs.dataset import prepare_output_dir
+
+    # Only now, with every input checked, is the output folder touched.
+    plan.output_dir = prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=plan.fs_dir)
+    with _work_dir(opts.work_dir) as work_dir:
+        if "group" in levels:
+            _say(f"group level: fitting a {opts.backbone} model on {len(plan.reference_participants)} "
+                 f"reference participants", quiet=opts.quiet)
+            run_workflow(group_workflow(opts, plan), opts, work_dir)
+        if "participant" in levels:
+            wf = participant_workflow(opts, plan)
+            _say(f"participant level: scoring {len(plan.rows)} participant/session rows against "
+                 f"{plan.model_dir}", quiet=opts.quiet)
+            run_workflow(wf, opts, work_dir)
+    _say(f"normdiff-bids finished in {time.monotonic() - start:.0f} s; outputs in {plan.output_dir}",
+         quiet=opts.quiet)
+    return 0
+
+
+def group_workflow(opts, plan: Plan):
+    """The group-level workflow for checked inputs (see :func:`normdiff_bids.pipeline.init_group_wf`)."""
+    from normdiff_bids.outputs import names
+    from normdiff_bids.pipeline import init_group_wf
+
+    reports = []
+    if "participant" in plan.levels:  # the participant level of this run writes them next
+        reports = [names.subject_report_path(names.subject_entities(r["participant_id"], r["session_id"]))
+                   .as_posix() for r in subject_rows(plan.table, plan)]
+    return init_group_wf(
+        bids_dir=plan.bids_dir, output_dir=plan.output_dir, fs_dir=plan.fs_dir,
+        participant_label=plan.participant_label, session_label=plan.session_label,
+        idp_set=opts.idp_set, covariates=plan.covariates, **plan.columns,
+        reference_participants=plan.reference_participants,
+        holdout_fraction=opts.holdout_fraction, backbone=opts.backbone, epochs=opts.epochs,
+        n_samples=opts.n_samples, seed=opts.seed, device=opts.device,
+        model_name=opts.model_name, overwrite_model=opts.overwrite_model,
+        unknown_site=opts.unknown_site, use_gpu=_uses_gpu(opts.device), model_options=plan.model_options,
+        subject_reports=reports, nprocs=_nprocs(opts))
+
+
+def participant_workflow(opts, plan: Plan):
+    """The participant-level workflow for checked inputs; checks the model first if not yet done."""
+    from normdiff_bids.pipeline import init_participant_wf
+
+    if plan.model is None:
+        _check_model(opts, plan, plan.model_dir)
+    scores = None
+    if "group" in plan.levels and opts.model is None:
+        # The group level of this run has just scored every row with this very model.
+        from normdiff_bids.outputs.names import phenotype_path
+
+        scores = plan.output_dir / phenotype_path()
+    return init_participant_wf(
+        bids_dir=plan.bids_dir, output_dir=plan.output_dir, model_dir=plan.model_dir,
+        subjects=plan.rows, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
+        session_label=plan.session_label, idps=list(plan.model.idps_), **plan.columns,
+        n_samples=opts.n_samples, unknown_site=opts.unknown_site, device=opts.device,
+        use_gpu=_uses_gpu(opts.device), nprocs=_nprocs(opts), scores=scores)
+
+
+# -- checking the inputs --------------------------------------------------------------------------
+
+def check_inputs(opts, levels) -> Plan:
+    """Validate every input named on the command line; raise :class:`NormdiffError` naming the culprit."""
+    from normdiff_bids.outputs.dataset import check_output_dir
+    from normdiff_bids.outputs.names import clean_label, model_dir
+
+    bids_dir = opts.bids_dir.expanduser().absolute()
+    if not bids_dir.is_dir():
+        raise InputError(f"BIDS dataset folder not found: {bids_dir}; give the folder that holds "
+                         f"dataset_description.json and participants.tsv")
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise InputError(f"{bids_dir} is not a BIDS dataset: it has no dataset_description.json")
+    output_dir = check_output_dir(opts.output_dir, bids_dir)
+
+    problems = ProblemCollector()
+    participant_label = _labels(opts.participant_label, "sub", clean_label, problems)
+    session_label = _labels(opts.session_label, "ses", clean_label, problems)
+    fs_dir = None
+    if opts.fs_dir is not None:
+        fs_dir = opts.fs_dir.expanduser().absolute()
+        if not fs_dir.is_dir():
+            problems.add(f"--fs-dir {fs_dir} is not a folder; give the FreeSurfer SUBJECTS_DIR")
+    if opts.model is not None and not opts.model.expanduser().exists():
+        problems.add(f"--model {opts.model} does not exist; give a model folder written by the group level")
+    problems.raise_if_any(header="the command line names inputs that cannot be used")
+
+    site = None if opts.site_column.lower() == "none" else opts.site_column
+    columns = {"age_column": opts.age_column, "sex_column": opts.sex_column, "site_column": site}
+    covariates = [c for c in _COVARIATE_NAMES if c != "site" or site is not None]
+    plan = Plan(bids_dir=bids_dir, output_dir=output_dir, levels=levels, participant_label=participant_label,
+                session_label=session_label, fs_dir=fs_dir, covariates=covariates, columns=columns)
+    plan.model_dir = (opts.model.expanduser().absolute() if opts.model is not None
+                      else output_dir / model_dir(opts.model_name))
+    if opts.model_options:
+        try:
+            plan.model_options = json.loads(opts.model_options)
+        except ValueError as exc:
+            raise InputError(f"--model-options is not valid JSON ({exc}): {opts.model_options!r}") from None
+        if not isinstance(plan.model_options, dict):
+            raise InputError(f"--model-options must be a JSON object; got {opts.model_options!r}")
+
+    if "group" in levels:
+        _check_group(opts, plan)
+    elif "participant" in levels:
+        _check_model(opts, plan, plan.model_dir)
+    return plan
+
+
+def _labels(values, entity, clean_label, problems) -> list[str] | None:
+    if not values:
+        return None
+    labels = []
+    for value in values:
+        try:
+            labels.append(clean_label(value, entity))
+        except InputError as exc:
+            problems.add(f"--{'participant' if entity == 'sub' else 'session'}-label: {exc}")
+    return sorted(set(labels))
+
+
+def _collect(plan: Plan, idp_set):
+    """Collect the IDP table of the selection (raises the input layer's errors, naming file and value)."""
+    from normdiff_bids.data.idps import collect_idps
+
+    table, _report = collect_idps(plan.bids_dir, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
+                                  session_label=plan.session_label, idp_set=list(idp_set), **plan.columns)
+    if plan.participant_label:
+        found = {str(p).removeprefix("sub-") for p in table["participant_id"]}
+        unknown = [p for p in plan.participant_label if p not in found]
+        if unknown:
+            raise InputError(f"participant(s) {', '.join('sub-' + p for p in unknown)} not found in "
+                             f"{plan.bids_dir} (or without FreeSurfer outputs); the dataset has "
+                             f"{_preview(sorted(found))}")
+    if plan.session_label and "session_id" in table.columns:
+        found = {str(s).removeprefix("ses-") for s in table["session_id"].dropna()}
+        unknown = [s for s in plan.session_label if s not in found]
+        if unknown:
+            raise InputError(f"session(s) {', '.join('ses-' + s for s in unknown)} not found for the "
+                             f"selected participants; sessions present: {_preview(sorted(found))}")
+    if table.empty:
+        raise InputError(f"no participant with FreeSurfer outputs was found in {plan.bids_dir}")
+    return table
+
+
+def _check_group(opts, plan: Plan) -> None:
+    from normdiff_bids.interfaces.model import select_reference, split_reference
+    from normdiff_bids.model.covariates import CovariateSchema
+    from normdiff_bids.outputs.names import model_dir
+
+    target = plan.output_dir / model_dir(opts.model_name)
+    if target.exists() and not opts.overwrite_model:
+        raise OutputError(
+            f"a model named '{opts.model_name}' already exists in {target.parent}; pass "
+            f"--model-name NEW to keep both, or --overwrite-model to replace it")
+    table = _collect(plan, opts.idp_set)
+    plan.table = table
+    plan.reference_participants = reference_participants(plan.bids_dir, opts.reference_query, table)
+    reference = select_reference(table, participants=plan.reference_participants)
+    train, _ = split_reference(reference, opts.holdout_fraction, opts.seed)
+    # Every row is scored by the group level: its covariates must be usable by a model trained on `train`.
+    schema = CovariateSchema.from_table(train, plan.covariates)
+    _check_covariates(schema, table, opts.unknown_site)
+
+
+def _check_covariates(schema, table, unknown_site: str) -> None:
+    """Every row's covariates can be encoded by ``schema`` (e.g. no site the model never saw)."""
+    try:
+        schema.encode(table, unknown=unknown_site)
+    except InputError as exc:
+        header = ("the participants' covariates do not fit the model (on the command line, rows from an "
+                  "unseen site can be scored against the model's mixture over sites with "
+                  "--unknown-site marginal)")
+        raise InputError(exc.problems, header=header) from None
+
+
+def _check_model(opts, plan: Plan, model_dir: Path):
+    """Load the model and check the selection's covariates against it; return (model, table)."""
+    from normdiff_bids.model.normative import load_model
+
+    if not model_dir.exists():
+        raise InputError(f"no model found at {model_dir}; run the group level first, or pass --model "
+                         f"with a model folder written by it")
+    model = load_model(model_dir, device="cpu")
+    table = _collect(plan, model.idps_)
+    _check_covariates(model.covariate_schema_, table, opts.unknown_site)
+    plan.table, plan.model = table, model
+    plan.rows = subject_rows(table, plan)
+    return model, table
+
+
+def reference_participants(bids_dir: Path, query: str | None, table) -> list[str]:
+    """Participants (``sub-`` ids) forming the reference: ``query`` over participants.tsv, else everyone."""
+    import pandas as pd
+
+    present = sorted(set(table["participant_id"]))
+    if not query:
+        return present
+    path = bids_dir / "participants.tsv"
+    participants = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False,
+                               dtype={"participant_id": str})
+    try:
+        chosen = participants.query(query, engine="python")
+    except Exception as exc:  # pandas raises many types for a bad expression
+        raise InputError(f"--reference-query {query!r} cannot be evaluated on {path} ({type(exc).__name__}: "
+                         f"{exc}); its columns are {list(participants.columns)}") from None
+    ids = {p if p.startswith("sub-") else f"sub-{p}" for p in chosen["participant_id"].astype(str)}
+    selected = [p for p in present if p in ids]
+    if not selected:
+        raise InputError(f"--reference-query {query!r} selects no participant with IDPs "
+                         f"({len(chosen)} rows of {path} match); check the query")
+    return selected
+
+
+def subject_rows(table, plan: Plan) -> list[dict]:
+    """One entry per row to write: ``participant_id``, ``session_id`` (None without sessions) and
+    ``fs_subject_dir`` (the FreeSurfer folder the deviation maps are painted into, None if not found)."""
+    import pandas as pd
+
+    from normdiff_bids.data.bids import (
+        find_freesurfer_dir,
+        list_freesurfer_subjects,
+        match_freesurfer_subject,
+    )
+
+    root = find_freesurfer_dir(plan.bids_dir, plan.fs_dir)
+    folders = list_freesurfer_subjects(root) if root is not None else None
+    sessions = table.groupby("participant_id").size().to_dict()
+    rows = []
+    for _, row in table.iterrows():
+        participant = str(row["participant_id"])
+        session = row.get("session_id") if "session_id" in table.columns else None
+        session = None if session is None or pd.isna(session) else str(session)
+        found = (match_freesurfer_subject(folders, participant, session, sessions.get(participant, 1))
+                 if folders is not None else None)
+        rows.append({"participant_id": participant, "session_id": session,
+                     "fs_subject_dir": str(found.path) if found is not None else None})
+    return rows
+
+
+def _preview(items, n: int = 8) -> str:
+    items = list(items)
+    if not items:
+        return "none"
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _uses_gpu(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# -- running the workflows ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _work_dir(work_dir: Path | None):
+    if work_dir is not None:
+        path = work_dir.expanduser().absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="normdiff-work-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _nprocs(opts) -> int:
+    """``--nprocs``, else the CPUs this process may run on."""
+    if opts.nprocs:
+        return opts.nprocs
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def plugin_settings(opts) -> tuple[str, dict]:
+    """Nipype plugin name and arguments from ``--plugin``, ``--plugin-args`` and ``--nprocs``."""
+    nprocs = _nprocs(opts)
+    plugin = opts.plugin or ("Linear" if nprocs == 1 else "MultiProc")
+    args: dict = {}
+    if opts.plugin_args:
+        try:
+            args = json.loads(opts.plugin_args)
+        except ValueError as exc:
+            raise InputError(f"--plugin-args is not valid JSON ({exc}): {opts.plugin_args!r}") from None
+        if not isinstance(args, dict):
+            raise InputError(f"--plugin-args must be a JSON object, e.g. '{{\"n_procs\": 2}}'; "
+                             f"got {opts.plugin_args!r}")
+    if plugin == "MultiProc":
+        args.setdefault("n_procs", nprocs)
+        # Workers start from a fresh interpreter: forking a process that already ran torch kernels can
+        # deadlock OpenMP in the child.
+        args.setdefault("mp_context", "forkserver")
+        args.setdefault("raise_insufficient", False)
+    return plugin, args
+
+
+def run_workflow(wf, opts, work_dir: Path) -> None:
+    """Run ``wf`` in ``work_dir``; a node failure is raised as the user-facing error that caused it."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    verbose = getattr(opts, "verbose", 0)
+    level = "INFO" if verbose >= 2 else "WARNING" if verbose == 1 else "CRITICAL"
+    # Nipype re-applies its logging config when a workflow runs, so the levels go through the config.
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        nipype_config.set("logging", key, level)
+    nipype_logging.update_logging(nipype_config)
+    crash_dir = work_dir / "crash" / time.strftime("%Y%m%d-%H%M%S")
+    wf.base_dir = str(work_dir)
+    # ... each node applies the workflow's own copy, and MultiProc workers (fresh interpreters) read it
+    # from the configuration folder named in the environment they inherit.
+    levels = {key: level for key in ("workflow_level", "interface_level", "utils_level")}
+    wf.config.setdefault("logging", {}).update(levels)
+    _worker_logging_config(levels)
+    wf.config["execution"].update({
+        "crashdump_dir": str(crash_dir),
+        "crashfile_format": "txt",
+        "poll_sleep_duration": 0.2,  # MultiProc's scheduler loop; shorter wastes a core on polling
+        "stop_on_first_crash": True,
+        "remove_unnecessary_outputs": False,
+    })
+    nipype_config.set("execution", "check_version", "false")
+    plugin, plugin_args = plugin_settings(opts)
+    try:
+        wf.run(plugin=plugin, plugin_args=plugin_args)
+    except Exception as exc:
+        if verbose >= 2:
+            raise
+        raise node_error(exc, crash_dir) from None
+
+
+def _worker_logging_config(levels: dict) -> None:
+    """Write Nipype's logging levels where worker processes of this process will read them."""
+    import atexit
+
+    folder = Path(tempfile.gettempdir()) / f"normdiff-nipype-config-{os.getpid()}"
+    if os.environ.get("NIPYPE_CONFIG_DIR") != str(folder):
+        folder.mkdir(exist_ok=True)
+        atexit.register(shutil.rmtree, folder, True)
+        os.environ["NIPYPE_CONFIG_DIR"] = str(folder)
+    text = "[logging]\n" + "".join(f"{key} = {value}\n" for key, value in levels.items())
+    (folder / "nipype.cfg").write_text(text)
+
+
+class NodeError(NormdiffError):
+    """A workflow node failed; carries the message (and exit code) of the error that caused it."""
+
+
+def node_error(exc: BaseException, crash_dir: Path) -> NormdiffError:
+    """The user-facing error behind a failed workflow, recovered from the exception or the crash files."""
+    texts = []
+    seen = exc
+    while seen is not None:
+        texts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    crash_files = sorted(crash_dir.glob("crash-*")) if crash_dir.is_dir() else []
+    texts.extend(p.read_text(errors="replace") for p in crash_files)
+    for text in texts:
+        found = _user_message(text)
+        if found is not None:
+            name, message = found
+            error = NodeError(message)  # the node's own message, as if it had been raised here
+            error.exit_code = OutputError.exit_code if name == "OutputError" else NormdiffError.exit_code
+            return error
+    where = f"; crash report: {crash_files[0]}" if crash_files else ""
+    last = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+    error = NodeError(f"a processing step failed: {last}{where}; rerun with -vv for the full log")
+    error.exit_code = 1
+    return error
+
+
+def _user_message(text: str) -> tuple[str, str] | None:
+    """The last user-facing error (class name, message) in a traceback text, if there is one.
+
+    Nipype indents the traceback it stores; the message is the error line and the lines below it with
+    the same indentation, up to Nipype's own text or the end.
+    """
+    from normdiff_bids import errors
+    from normdiff_bids.model.bundle import BundleError
+
+    user_classes = {name for name, obj in vars(errors).items()
+                    if isinstance(obj, type) and issubclass(obj, NormdiffError)} | {BundleError.__name__}
+    matches = [m for m in _ERROR_PATTERN.finditer(text) if m.group(2) in user_classes]
+    if not matches:
+        return None
+    last = matches[-1]
+    indent = last.group(1)
+    first, *rest = text[last.end():].split("\n")
+    lines = [first.rstrip()]
+    for line in rest:
+        if not line.startswith(indent) or not line[len(indent):].strip():
+            break
+        body = line[len(indent):]
+        if body.startswith(("Traceback", "During handling", "The above exception", "RuntimeError")):
+            break
+        lines.append(body.rstrip())
+    message = "\n".join(lines).strip()
+    return (last.group(2), message) if message else None
+
+
+def _say(message: str, *, quiet: bool = False, always: bool = False) -> None:
+    if always or not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

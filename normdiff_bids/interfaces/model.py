@@ -1,0 +1,244 @@
+"""Nipype interfaces that train a normative model (with its held-out evaluation) and score deviations."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from normdiff_bids.atomic import atomic_write_text
+from normdiff_bids.errors import InputError
+from normdiff_bids.interfaces.tables import read_table, write_table
+
+#: Columns of an IDP table that identify a row rather than describe it.
+ID_COLUMNS = ("participant_id", "session_id")
+#: Fewest reference rows a model is trained on (below this the held-out evaluation is meaningless).
+MIN_REFERENCE_ROWS = 10
+
+
+def select_reference(table: pd.DataFrame, participants=None, query: str | None = None) -> pd.DataFrame:
+    """Rows of ``table`` forming the normative reference: listed participants and/or a query over columns."""
+    reference = table
+    if participants:
+        wanted = {p if str(p).startswith("sub-") else f"sub-{p}" for p in participants}
+        reference = reference[reference["participant_id"].isin(wanted)]
+    if query:
+        try:
+            reference = reference.query(query, engine="python")
+        except Exception as exc:  # pandas raises many types for a bad expression
+            raise InputError(f"reference query {query!r} cannot be evaluated on the IDP table ({exc}); "
+                             f"columns available: {list(table.columns)}") from None
+    if len(reference) < MIN_REFERENCE_ROWS:
+        raise InputError(f"the normative reference has {len(reference)} rows; at least {MIN_REFERENCE_ROWS} "
+                         f"are needed to train and evaluate a model; widen the reference selection")
+    return reference
+
+
+def split_reference(reference: pd.DataFrame, holdout_fraction: float, seed: int,
+                    strata=("site", "sex")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split the reference into training and held-out rows, by participant, stratified by site and sex.
+
+    All sessions of one participant go to the same side, so held-out scores are out of sample. Each
+    stratum keeps at least one participant in training (a site missing from training could not be scored).
+    """
+    rng = np.random.default_rng(seed)
+    people = reference.drop_duplicates("participant_id")
+    keys = [c for c in strata if c in people.columns]
+    groups = people.groupby(keys, dropna=False, sort=True) if keys else [(None, people)]
+    held = []
+    for _, group in groups:
+        ids = np.sort(group["participant_id"].to_numpy(dtype=str))
+        n_hold = min(int(round(holdout_fraction * len(ids))), len(ids) - 1)
+        if n_hold > 0:
+            held.extend(rng.choice(ids, size=n_hold, replace=False).tolist())
+    is_held = reference["participant_id"].isin(set(held))
+    train, holdout = reference[~is_held], reference[is_held]
+    from normdiff_bids.model.normative import MIN_TRAIN_ROWS
+
+    if len(train) < MIN_TRAIN_ROWS:
+        raise InputError(f"the normative reference has {len(reference)} rows; after holding out "
+                         f"{len(holdout)} to evaluate the model, {len(train)} remain to train it, fewer "
+                         f"than the {MIN_TRAIN_ROWS} a model needs; widen the reference or lower "
+                         f"--holdout-fraction")
+    if holdout.empty:
+        raise InputError(f"the reference ({len(reference)} rows) is too small to hold out "
+                         f"{holdout_fraction:.0%} for evaluation; add participants or raise "
+                         f"--holdout-fraction")
+    return train, holdout
+
+
+def idp_columns(table: pd.DataFrame, covariates) -> list[str]:
+    """IDP columns of a collected table: every numeric column that is neither an id nor a covariate."""
+    skip = set(ID_COLUMNS) | set(covariates)
+    return [c for c in table.columns if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
+
+
+class _TrainInputSpec(BaseInterfaceInputSpec):
+    idp_table = File(exists=True, mandatory=True, desc="IDP table (TSV) as written by CollectIDPs")
+    covariates = traits.List(traits.Str, ["age", "sex", "site"], usedefault=True,
+                             desc="covariate columns the model is conditioned on")
+    idps = traits.List(traits.Str, desc="IDP columns to model; default: every other numeric column")
+    reference_participants = traits.List(traits.Str, desc="participants forming the normative reference; "
+                                                          "default: every row")
+    reference_query = traits.Str(desc="pandas query over the table's columns selecting the reference rows")
+    holdout_fraction = traits.Range(low=0.0, high=0.9, value=0.2, usedefault=True, exclude_low=True,
+                                    desc="share of the reference held out (by participant, stratified by "
+                                         "site and sex) to evaluate the model")
+    backbone = traits.Enum("film-mlp", "saint", usedefault=True, desc="denoising network")
+    epochs = traits.Int(desc="training epochs; default: a budget chosen from N and D with early stopping")
+    n_samples = traits.Int(desc="model samples per row when scoring; default: the model's")
+    seed = traits.Int(0, usedefault=True, desc="random seed (split, initialisation, batches, sampling)")
+    device = traits.Str("auto", usedefault=True, desc="torch device: auto, cpu, cuda, cuda:N")
+    use_gpu = traits.Bool(False, usedefault=True,
+                          desc="tell Nipype's MultiProc plugin that this node occupies a GPU slot")
+    num_threads = traits.Int(desc="CPU threads torch may use (match the node's n_procs); default: torch's")
+    model_options = traits.Dict(traits.Str, traits.Any,
+                                desc="further NormativeDiffusion hyper-parameters (e.g. backbone_config)")
+    evaluate = traits.Bool(True, usedefault=True, desc="evaluate on the held-out rows and write the "
+                                                       "calibration report")
+
+
+class _TrainOutputSpec(TraitedSpec):
+    model_dir = Directory(exists=True, desc="the trained model bundle (model.safetensors + model.json)")
+    metrics = File(exists=True, desc="JSON: held-out evaluation metrics and the train/held-out split")
+    calibration_report = File(desc="HTML calibration report of the held-out evaluation")
+    split = File(exists=True, desc="TSV: participant_id, session_id, split (train/holdout) of the reference")
+
+
+class TrainNormativeModel(SimpleInterface):
+    """Fit a :class:`~normdiff_bids.NormativeDiffusion` on reference rows; evaluate it on held-out ones."""
+
+    input_spec = _TrainInputSpec
+    output_spec = _TrainOutputSpec
+
+    def _run_interface(self, runtime):
+        from normdiff_bids.model.normative import NormativeDiffusion
+
+        set_threads(self.inputs.num_threads)
+        table = read_table(self.inputs.idp_table)
+        reference = select_reference(
+            table,
+            participants=self.inputs.reference_participants if isdefined(self.inputs.reference_participants)
+            else None,
+            query=self.inputs.reference_query if isdefined(self.inputs.reference_query) else None)
+        train, holdout = split_reference(reference, self.inputs.holdout_fraction, self.inputs.seed)
+        covariates = list(self.inputs.covariates)
+        idps = list(self.inputs.idps) if isdefined(self.inputs.idps) and self.inputs.idps \
+            else idp_columns(table, covariates)
+
+        options = dict(self.inputs.model_options) if isdefined(self.inputs.model_options) else {}
+        if isdefined(self.inputs.epochs):
+            options["epochs"] = self.inputs.epochs
+        if isdefined(self.inputs.n_samples):
+            options["n_samples"] = self.inputs.n_samples
+        model = NormativeDiffusion(backbone=self.inputs.backbone, covariates=tuple(covariates),
+                                   seed=self.inputs.seed, device=self.inputs.device, **options)
+        model.fit(train, idps=idps)
+        model_dir = os.path.join(runtime.cwd, "model")
+        model.save(model_dir, overwrite=True)  # a rerun of this node replaces its own previous bundle
+
+        split = reference[[c for c in ID_COLUMNS if c in reference.columns]].copy()
+        split["split"] = np.where(reference["participant_id"].isin(set(holdout["participant_id"])),
+                                  "holdout", "train")
+        self._results["split"] = write_table(split, os.path.join(runtime.cwd, "split.tsv"))
+
+        metrics = {"n_reference": len(reference), "n_train": len(train), "n_holdout": len(holdout),
+                   "holdout_fraction": self.inputs.holdout_fraction, "seed": self.inputs.seed,
+                   "idps": idps, "covariates": covariates}
+        if self.inputs.evaluate:
+            from normdiff_bids.evaluation import evaluate, summary
+            from normdiff_bids.evaluation.figures import make_figures
+            from normdiff_bids.evaluation.report import render_calibration_report
+
+            results = evaluate(model, train, holdout, seed=self.inputs.seed)
+            metrics["evaluation"] = summary(results)
+            report = os.path.join(runtime.cwd, "calibration_report.html")
+            atomic_write_text(report, render_calibration_report(results, figures=make_figures(results)))
+            self._results["calibration_report"] = report
+        self._results["model_dir"] = model_dir
+        self._results["metrics"] = os.fspath(atomic_write_text(
+            os.path.join(runtime.cwd, "metrics.json"), json.dumps(metrics, indent=2, default=str) + "\n"))
+        return runtime
+
+
+class _ScoreInputSpec(BaseInterfaceInputSpec):
+    model_dir = Directory(exists=True, mandatory=True, desc="a model bundle written by TrainNormativeModel")
+    idp_table = File(exists=True, mandatory=True, desc="IDP table (TSV) of the rows to score")
+    n_samples = traits.Int(desc="model samples per row; default: the model's")
+    unknown_site = traits.Enum("error", "marginal", usedefault=True,
+                               desc="rows from a site the model never saw: error, or the marginal over sites")
+    device = traits.Str("auto", usedefault=True, desc="torch device: auto, cpu, cuda, cuda:N")
+    use_gpu = traits.Bool(False, usedefault=True,
+                          desc="tell Nipype's MultiProc plugin that this node occupies a GPU slot")
+    num_threads = traits.Int(desc="CPU threads torch may use (match the node's n_procs); default: torch's")
+
+
+class _ScoreOutputSpec(TraitedSpec):
+    scores = File(exists=True, desc="wide TSV, one row per participant (and session): ids, covariates, "
+                                    "joint_stat, joint_centile, joint_z, extrapolated, then per IDP "
+                                    "<idp>_centile, <idp>_z, <idp>_tail")
+
+
+class ScoreDeviations(SimpleInterface):
+    """Score every row of an IDP table against a trained model: centiles, z-scores and joint deviation."""
+
+    input_spec = _ScoreInputSpec
+    output_spec = _ScoreOutputSpec
+
+    def _run_interface(self, runtime):
+        from normdiff_bids.model.normative import load_model
+        from normdiff_bids.outputs.tables import scores_to_wide
+
+        set_threads(self.inputs.num_threads)
+        model = load_model(self.inputs.model_dir, device=self.inputs.device)
+        params = {"unknown_site": self.inputs.unknown_site}
+        if isdefined(self.inputs.n_samples):
+            params["n_samples"] = self.inputs.n_samples
+        model.set_params(**params)
+        table = read_table(self.inputs.idp_table)
+        tidy = model.score(table)
+        covariates = table[[c for c in (*ID_COLUMNS, *model.covariates) if c in table.columns]]
+        wide = scores_to_wide(tidy, covariates)
+        self._results["scores"] = write_table(wide, os.path.join(runtime.cwd, "scores.tsv"))
+        return runtime
+
+
+def jsonable(value):
+    """Evaluation results as JSON-ready data: tables become records, arrays lists, NaN null."""
+    if isinstance(value, pd.DataFrame):
+        return jsonable(value.reset_index().to_dict(orient="records")
+                        if not isinstance(value.index, pd.RangeIndex) else value.to_dict(orient="records"))
+    if isinstance(value, pd.Series):
+        return jsonable(value.to_dict())
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def set_threads(num_threads) -> None:
+    """Limit torch's CPU threads in this (worker) process: parallel nodes must not oversubscribe cores."""
+    if isdefined(num_threads) and num_threads and num_threads > 0:
+        import torch
+
+        torch.set_num_threads(int(num_threads))

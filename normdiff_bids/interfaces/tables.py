@@ -1,0 +1,48 @@
+"""Tables passed between Nipype nodes: BIDS-style TSV (``n/a`` for missing), labels kept as text."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from normdiff_bids.atomic import atomic_path
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> str:
+    """Write ``table`` tab-separated with ``n/a`` for missing values; return the path.
+
+    Read it back with :func:`read_table` (which restores label columns as text and flags as booleans).
+    """
+    out = table.copy()
+    for col in out.columns:
+        if pd.api.types.is_bool_dtype(out[col]):
+            out[col] = out[col].map({True: "true", False: "false"}, na_action="ignore").astype("object")
+    with atomic_path(path) as tmp:
+        out.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n", float_format="%.17g")
+    return os.fspath(path)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a table written by :func:`write_table`."""
+    from normdiff_bids.outputs.tables import read_scores_table
+
+    return read_scores_table(path)
+
+
+def subject_scores(scores_path: str | os.PathLike, participant_id: str, session_id: str | None = None):
+    """The one row of a wide score table belonging to a subject (and session), as a one-row DataFrame."""
+    wide = read_table(scores_path)
+    mask = wide["participant_id"].astype(str) == participant_id
+    if session_id and "session_id" in wide.columns:
+        mask &= wide["session_id"].astype(str) == session_id
+    rows = wide.loc[mask]
+    if len(rows) != 1:
+        what = participant_id + (f" {session_id}" if session_id else "")
+        raise ValueError(f"expected one row for {what} in {scores_path}, found {len(rows)}")
+    return rows.reset_index(drop=True)
+
+
+def subject_row(scores_path: str | os.PathLike, participant_id: str, session_id: str | None = None):
+    """The subject's wide score row as a Series."""
+    return subject_scores(scores_path, participant_id, session_id).iloc[0]

@@ -1,0 +1,167 @@
+"""The BIDS-App end to end: group then participant level on a small synthetic dataset with a tiny model,
+the outputs it promises, and the habits BIDS-App users rely on (resuming, both levels in one call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from product_helpers import IDPS, TINY_ARGS, group_output, snapshot, synthetic_bids
+
+from normdiff_bids import __version__
+from normdiff_bids.cli.parser import build_parser
+from normdiff_bids.cli.run import main
+from normdiff_bids.outputs.tables import read_scores_table
+
+
+@pytest.fixture(scope="module")
+def bids(tmp_path_factory):
+    return synthetic_bids(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def group_out(tmp_path_factory):
+    return group_output(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def participant_out(bids, group_out, tmp_path_factory):
+    """A copy of the group output after a participant-level run for two participants."""
+    out = tmp_path_factory.mktemp("participant") / "normdiff"
+    shutil.copytree(group_out, out)
+    work = out.parent / "work"
+    status = main([str(bids), str(out), "participant", "--participant-label", "001", "sub-002",
+                   *TINY_ARGS, "--work-dir", str(work)])
+    assert status == 0
+    return out
+
+
+def test_parser_takes_both_levels_and_bids_app_spellings():
+    opts = build_parser().parse_args(["in", "out", "group", "participant", "--participant_label", "01", "02",
+                                      "--nprocs", "2", "--backbone", "saint", "--device", "cuda:1"])
+    assert opts.analysis_level == ["group", "participant"]
+    assert opts.participant_label == ["01", "02"]
+    assert (opts.nprocs, opts.backbone, opts.device, opts.seed, opts.model_name) == (2, "saint", "cuda:1", 0,
+                                                                                      "default")
+    for bad in (["in", "out", "everything"], ["in", "out", "group", "--device", "gpu"],
+                ["in", "out", "group", "--epochs", "0"], ["in", "out", "group", "--model-name", "../m"]):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(bad)
+        assert exit_info.value.code == 2
+
+
+def test_version_is_printed(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_group_level_writes_tables_report_and_model(group_out, bids):
+    participants = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str)
+    table = read_scores_table(group_out / "phenotype" / "normdiff_deviations.tsv")
+    assert sorted(table["participant_id"]) == sorted(participants["participant_id"])  # everyone is scored
+    assert {f"{i}_z" for i in IDPS} <= set(table.columns)
+    sidecar = json.loads((group_out / "phenotype" / "normdiff_deviations.json").read_text())
+    assert set(table.columns) <= set(sidecar)
+    # only controls form the reference; patients are scored out of sample
+    split = read_scores_table(group_out / "phenotype" / "normdiff_reference.tsv").merge(participants)
+    assert set(split.loc[split["diagnosis"] != "HC", "split"]) == {"none"}
+    assert set(split.loc[split["diagnosis"] == "HC", "split"]) == {"train", "holdout"}
+    # the model bundle, its card and the group report with the embedded calibration report
+    bundle = {p.name for p in (group_out / "models" / "default").iterdir()}
+    assert bundle == {"model.json", "model.safetensors"}
+    card = json.loads((group_out / "models" / "default_modelcard.json").read_text())
+    assert card["idps"] == IDPS
+    html = (group_out / "group.html").read_text()
+    assert "calibration" in html.lower() and "<img" in html
+    description = json.loads((group_out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "normdiff-bids"
+
+
+@pytest.mark.slow
+def test_participant_level_writes_tables_maps_and_reports(participant_out, group_out):
+    for label in ("001", "002"):
+        anat = participant_out / f"sub-{label}" / "anat"
+        assert (participant_out / f"sub-{label}.html").is_file()
+        table = read_scores_table(anat / f"sub-{label}_desc-deviations_scores.tsv")
+        assert list(table["idp"]) == IDPS
+        for measure in ("volume", "thickness", "area"):
+            img = nib.load(anat / f"sub-{label}_desc-{measure}_zmap.nii.gz")
+            assert np.isfinite(np.asarray(img.dataobj)).any()
+        assert list(anat.glob("*_hemi-L_space-fsnative_desc-thickness_zmap.func.gii"))
+    assert not (participant_out / "sub-003").exists()  # only the chosen participants
+
+
+@pytest.mark.slow
+def test_a_participant_scored_alone_gets_its_group_scores(participant_out, group_out):
+    group = read_scores_table(group_out / "phenotype" / "normdiff_deviations.tsv").set_index("participant_id")
+    alone = read_scores_table(participant_out / "sub-001" / "anat" / "sub-001_desc-deviations_scores.tsv")
+    for _, row in alone.iterrows():
+        assert row["z"] == pytest.approx(group.loc["sub-001", f"{row['idp']}_z"], abs=1e-9)
+        assert row["centile"] == pytest.approx(group.loc["sub-001", f"{row['idp']}_centile"], abs=1e-12)
+    assert alone["joint_z"].iloc[0] == pytest.approx(group.loc["sub-001", "joint_z"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_participant_level_leaves_the_group_outputs_alone(participant_out, group_out):
+    before = snapshot(group_out)
+    after = snapshot(participant_out)
+    changed = {k for k in before if after.get(k) != before[k]}
+    assert changed <= {"dataset_description.json"}  # merged under the lock; everything else untouched
+
+
+@pytest.mark.slow
+def test_derivatives_pass_the_bids_validator(participant_out):
+    exe = Path(sys.executable).with_name("bids-validator-deno")
+    if not exe.exists():
+        exe = shutil.which("bids-validator-deno")
+        if exe is None:
+            pytest.skip("bids-validator-deno is not installed")
+    result = subprocess.run([str(exe), str(participant_out), "--json"], capture_output=True, text=True,
+                            timeout=300)
+    report = json.loads(result.stdout)
+    errors = [i for i in report["issues"]["issues"] if i["severity"] == "error"]
+    assert errors == [], errors
+
+
+@pytest.mark.slow
+def test_rerun_with_the_same_work_dir_resumes_from_the_cache(bids, group_out, tmp_path):
+    out = tmp_path / "normdiff"
+    shutil.copytree(group_out, out)
+    args = [str(bids), str(out), "participant", "--participant-label", "005", *TINY_ARGS,
+            "--work-dir", str(tmp_path / "work")]
+    assert main(args) == 0
+    results = sorted((tmp_path / "work").glob("normdiff_participant_*/score/result_score.pklz"))
+    assert len(results) == 1
+    stamp = results[0].stat().st_mtime_ns
+    report = out / "sub-005.html"
+    report.unlink()  # a lost output is rewritten: the writing steps always run
+    assert main(args) == 0
+    assert results[0].stat().st_mtime_ns == stamp  # scoring was not redone
+    assert report.is_file()
+
+
+def test_quiet_is_passed_to_workers_through_the_environment_and_then_restored(tmp_path, monkeypatch):
+    monkeypatch.delenv("NORMDIFF_QUIET", raising=False)
+    seen = {}
+
+    def fake_run(opts):
+        seen["quiet"] = os.environ.get("NORMDIFF_QUIET")
+        seen["et"] = os.environ.get("NIPYPE_NO_ET")
+        return 0
+
+    monkeypatch.setattr("normdiff_bids.cli.run.run", fake_run)
+    assert main([str(tmp_path), str(tmp_path / "out"), "group", "--quiet"]) == 0
+    assert seen == {"quiet": "1", "et": "1"}
+    assert "NORMDIFF_QUIET" not in os.environ

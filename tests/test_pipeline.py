@@ -1,0 +1,100 @@
+"""Workflow builders: the graphs the BIDS-App runs, built (not run) and inspected."""
+
+from __future__ import annotations
+
+import pytest
+from nipype.interfaces.base import BaseInterfaceInputSpec, TraitedSpec
+
+from normdiff_bids import interfaces
+from normdiff_bids.pipeline import init_group_wf, init_participant_wf, init_single_subject_wf, selection_name
+
+SUBJECTS = [
+    {"participant_id": "sub-01", "session_id": None, "fs_subject_dir": None},
+    {"participant_id": "sub-02", "session_id": "ses-1", "fs_subject_dir": None},
+    {"participant_id": "sub-02", "session_id": "ses-2", "fs_subject_dir": None},
+]
+
+
+def _edges(wf):
+    """(a, b) for every pair of nodes where b runs after a, and the nodes by full name."""
+    import networkx as nx
+
+    graph = wf._create_flat_graph()
+    closure = nx.transitive_closure_dag(graph)
+    return {(u.fullname, v.fullname) for u, v in closure.edges()}, {n.fullname: n for n in graph.nodes()}
+
+
+def test_group_wf_trains_scores_writes_and_installs_the_model_last(tmp_path):
+    wf = init_group_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", reference_participants=["sub-01"],
+                       epochs=3, n_samples=100, model_name="m1", use_gpu=True,
+                       subject_reports=["sub-01.html"])
+    edges, nodes = _edges(wf)
+    name = wf.name
+    assert {f"{name}.{n}" for n in ("collect_idps", "train_model", "score_all", "ds_group_table",
+                                    "group_report", "ds_model")} == set(nodes)
+    assert (f"{name}.collect_idps", f"{name}.train_model") in edges
+    assert (f"{name}.train_model", f"{name}.score_all") in edges
+    # the model is published only after every other output is written
+    assert (f"{name}.ds_group_table", f"{name}.ds_model") in edges
+    assert (f"{name}.group_report", f"{name}.ds_model") in edges
+    train = nodes[f"{name}.train_model"]
+    assert train.inputs.epochs == 3 and train.inputs.reference_participants == ["sub-01"]
+    assert train.is_gpu_node() and nodes[f"{name}.score_all"].is_gpu_node()
+    assert nodes[f"{name}.ds_model"].inputs.model_name == "m1"
+    assert nodes[f"{name}.group_report"].inputs.subject_reports == ["sub-01.html"]
+
+
+def test_participant_wf_scores_once_and_writes_one_subworkflow_per_row(tmp_path):
+    (tmp_path / "model").mkdir()
+    wf = init_participant_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", model_dir=tmp_path / "model",
+                             subjects=SUBJECTS, idps=["Left-Hippocampus"], n_samples=50)
+    edges, nodes = _edges(wf)
+    scores = [n for n in nodes if n.endswith(".score")]
+    assert len(scores) == 1
+    assert not nodes[scores[0]].is_gpu_node()
+    per_row = {n.split(".")[1] for n in nodes if ".single_subject_" in n}
+    assert per_row == {"single_subject_01_wf", "single_subject_02_1_wf", "single_subject_02_2_wf"}
+    for row in per_row:
+        assert {f"{wf.name}.{row}.{n}" for n in ("ds_scores", "deviation_maps", "report")} <= set(nodes)
+        assert (scores[0], f"{wf.name}.{row}.deviation_maps") in edges
+        assert (f"{wf.name}.{row}.deviation_maps", f"{wf.name}.{row}.report") in edges
+    assert nodes[f"{wf.name}.collect_idps"].inputs.idp_set == ["Left-Hippocampus"]
+
+
+def test_jobs_with_different_selections_never_share_work_folders(tmp_path):
+    one = selection_name(SUBJECTS[:1], tmp_path / "model")
+    two = selection_name(SUBJECTS[1:], tmp_path / "model")
+    assert one != two
+    assert one == selection_name(list(SUBJECTS[:1]), tmp_path / "model")
+    assert selection_name(SUBJECTS[:1], tmp_path / "other") != one
+
+
+def test_single_subject_wf_passes_its_ids(tmp_path):
+    wf = init_single_subject_wf(output_dir=tmp_path, model_dir=tmp_path, participant_id="sub-07",
+                                session_id="ses-b", fs_subject_dir=tmp_path)
+    maps = wf.get_node("deviation_maps")
+    assert (maps.inputs.participant_id, maps.inputs.session_id) == ("sub-07", "ses-b")
+    assert wf.name == "single_subject_07_b_wf"
+
+
+@pytest.mark.parametrize("name", interfaces.__all__)
+def test_every_interface_trait_is_documented(name):
+    interface = getattr(interfaces, name)
+    base = set(BaseInterfaceInputSpec().trait_names()) | set(TraitedSpec().trait_names())
+    for spec in (interface.input_spec(), interface.output_spec()):
+        own = [t for t in spec.trait_names() if t not in base]
+        assert own
+        for trait in own:
+            assert spec.trait(trait).desc, f"{name}.{trait} has no desc"
+
+
+def test_participant_wf_can_take_rows_already_scored(tmp_path):
+    (tmp_path / "model").mkdir()
+    scores = tmp_path / "scores.tsv"
+    scores.write_text("participant_id\n")
+    wf = init_participant_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", model_dir=tmp_path / "model",
+                             subjects=SUBJECTS[:1], idps=["Left-Hippocampus"], scores=scores)
+    _, nodes = _edges(wf)
+    assert not [n for n in nodes if n.endswith((".score", ".collect_idps"))]  # nothing is scored again
+    assert nodes[f"{wf.name}.scored"].inputs.scores == str(scores)
+    assert wf.name != selection_name(SUBJECTS[:1], tmp_path / "model")

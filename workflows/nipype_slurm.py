@@ -1,0 +1,89 @@
+"""Score participants on a SLURM cluster through Nipype's SLURM plugin: every node is one batch job.
+
+The alternative to ``slurm_array.sh`` when you prefer one command that submits and tracks all jobs
+(Nipype polls ``squeue`` and submits each node once its inputs exist). Run it on a login node:
+
+    python workflows/nipype_slurm.py BIDS_DIR OUTPUT_DIR --work-dir /scratch/$USER/normdiff-work \
+        [--participant-label 01 02 ...] [--model OUTPUT_DIR/models/default] \
+        [--sbatch-args "-p short --time=00:20:00 --mem=4G"] \
+        [--gpu-sbatch-args "-p gpu --gres=gpu:1"] [--dry-run]
+
+``--dry-run`` builds the workflow and the plugin, prints the jobs it would submit, and submits nothing.
+The same inputs are checked as by ``normdiff-bids ... participant`` (errors name the culprit); the work
+folder must be on a file system the compute nodes share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+
+def build(argv) -> tuple:
+    """Check the inputs and build ``(workflow, plugin_args, plan)`` for the participant level on SLURM."""
+    from normdiff_bids.cli.parser import build_parser
+    from normdiff_bids.cli.run import check_inputs, participant_workflow
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bids_dir")
+    parser.add_argument("output_dir")
+    parser.add_argument("--work-dir", required=True,
+                        help="shared work folder (the compute nodes must see it)")
+    parser.add_argument("--participant-label", nargs="+", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--sbatch-args", default="--time=00:30:00 --mem=4G --cpus-per-task=1",
+                        help="sbatch options of every job")
+    parser.add_argument("--gpu-sbatch-args", default=None,
+                        help="sbatch options of the scoring job when it should run on a GPU node")
+    parser.add_argument("--max-jobs", type=int, default=50, help="jobs queued at once")
+    parser.add_argument("--dry-run", action="store_true", help="build and print, submit nothing")
+    args, extra = parser.parse_known_args(argv)
+
+    app_argv = [args.bids_dir, args.output_dir, "participant", "--work-dir", args.work_dir, *extra]
+    if args.participant_label:
+        app_argv += ["--participant-label", *args.participant_label]
+    if args.model:
+        app_argv += ["--model", args.model]
+    if args.gpu_sbatch_args:
+        app_argv += ["--device", "cuda"]
+    opts = build_parser().parse_args(app_argv)
+    plan = check_inputs(opts, ["participant"])
+    wf = participant_workflow(opts, plan)
+    wf.base_dir = os.path.abspath(args.work_dir)
+    if args.gpu_sbatch_args:
+        score = wf.get_node("score")
+        score.plugin_args = {"sbatch_args": f"{args.sbatch_args} {args.gpu_sbatch_args}", "overwrite": True}
+    plugin_args = {"sbatch_args": args.sbatch_args, "max_jobs": args.max_jobs}
+    return wf, plugin_args, plan, args.dry_run
+
+
+def main(argv=None) -> int:
+    from nipype.pipeline.plugins import SLURMPlugin
+
+    from normdiff_bids.errors import NormdiffError
+
+    try:
+        wf, plugin_args, plan, dry_run = build(argv)
+    except NormdiffError as exc:
+        print(f"nipype_slurm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    SLURMPlugin(plugin_args=plugin_args)  # the plugin accepts these arguments
+    nodes = wf.list_node_names()
+    print(f"{len(nodes)} SLURM jobs for {len(plan.rows)} participant/session rows "
+          f"(sbatch {plugin_args['sbatch_args']}):")
+    for node in nodes:
+        print(f"  {node}")
+    if dry_run:
+        return 0
+    from normdiff_bids.outputs.dataset import prepare_output_dir
+
+    prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=plan.fs_dir)
+    wf.run(plugin="SLURM", plugin_args=plugin_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
