@@ -15,6 +15,7 @@ from normdiff_bids import NormativeDiffusion, load_model
 from normdiff_bids.data.synthetic import SyntheticCohort
 from normdiff_bids.errors import InputError
 from normdiff_bids.model.bundle import BundleError
+from normdiff_bids.model.normative import _POINT_CACHE
 from normdiff_bids.scoring.joint import joint_deviation
 
 TINY = {"hidden": 32, "n_blocks": 2, "time_embed_dim": 16}
@@ -114,6 +115,7 @@ def test_score_is_tidy_with_joint_deviation(model, test, cohort):
 def test_a_subject_scored_alone_gets_exactly_its_cohort_scores(model, test):
     together = model.score(test)
     for i in (0, 7):
+        _POINT_CACHE.clear()  # draw the participant's points afresh, not from the cohort's run
         alone = model.score(test.iloc[[i]])
         mine = together[together["participant_id"] == test["participant_id"].iloc[i]]
         for col in ("centile", "z", "joint_stat", "joint_centile"):
@@ -121,10 +123,21 @@ def test_a_subject_scored_alone_gets_exactly_its_cohort_scores(model, test):
     exact = model.set_params(covariate_grid="off")
     try:
         together = exact.predict_centiles(test)
+        _POINT_CACHE.clear()
         alone = exact.predict_centiles(test.iloc[[3]])
         np.testing.assert_array_equal(alone.to_numpy(), together.iloc[[3]].to_numpy())
     finally:
         model.set_params(covariate_grid="auto")
+
+
+def test_reused_draws_equal_fresh_draws_and_belong_to_their_weights(model, test, train):
+    _POINT_CACHE.clear()
+    fresh = model.sample(test.iloc[:5], n_samples=64)
+    assert len(_POINT_CACHE._items) > 0
+    np.testing.assert_array_equal(model.sample(test.iloc[:5], n_samples=64), fresh)
+    other = NormativeDiffusion(**{**model.get_params(), "seed": model.seed + 1}).fit(train)
+    assert other._weights_token() != model._weights_token()
+    assert not np.array_equal(other.sample(test.iloc[:5], n_samples=64), fresh)
 
 
 def test_identical_covariates_share_samples_and_seed_changes_them(model, test):

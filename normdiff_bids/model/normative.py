@@ -300,6 +300,7 @@ class NormativeDiffusion:
         if not isinstance(table, pd.DataFrame):
             raise TypeError(f"fit expects a pandas DataFrame, got {type(table).__name__}")
         start = time.perf_counter()
+        self._weights_digest = None  # new weights: earlier draws are not theirs
         covariates = list(self.covariates)
         idps = self._select_idps(table, idps, covariates)
         values = _idp_matrix(table, idps, "training")
@@ -590,8 +591,11 @@ class NormativeDiffusion:
     def _draw(self, points_cont, points_cat, n_samples, desc) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first point, samples [p, S, D] float32 in model space)`` for consecutive points.
 
-        Every network call has the same shape (the last one is padded by repeating its final point),
-        so a point's samples are bit-identical whichever points it is drawn with.
+        Every network call has the same shape (a call is padded by repeating its final point), so a
+        point's samples are bit-identical whichever points it is drawn with. That also makes them safe
+        to reuse: points drawn before by this process with the same weights and sampling settings come
+        from :data:`_POINT_CACHE` (a participant report's centile curves share their points with every
+        other participant of the same sex and site).
         """
         device = next(self.network_.parameters()).device
         sampler, steps = self._sampler(), self._steps()
@@ -600,30 +604,69 @@ class NormativeDiffusion:
         rows_per_call = min(ROWS_PER_CALL, NOISE_BYTES_PER_CALL // (4 * n_draws * d))
         per_call = max(1, rows_per_call // n_samples)
         n_points = len(points_cont)
+        settings = (self._weights_token(), int(self.seed), n_samples, sampler, steps, str(device))
+        keys = [settings + (np.ascontiguousarray(points_cont[i], dtype=np.float32).tobytes(),
+                            np.ascontiguousarray(points_cat[i], dtype=np.int64).tobytes())
+                for i in range(n_points)]
         self.encoder_.eval()
         self.network_.eval()
         bar = progress(total=n_points, desc=desc, verbose=self.verbose, unit="point")
         try:
             for first in range(0, n_points, per_call):
                 idx = np.arange(first, min(first + per_call, n_points))
-                padded = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
-                noise = torch.stack([
-                    torch.randn((n_draws, n_samples, d),
-                                generator=torch.Generator().manual_seed(
-                                    self._point_seed(points_cont[i], points_cat[i])))
-                    for i in padded], dim=1).to(device)
-                with torch.no_grad():
-                    cond = self.encoder_(torch.from_numpy(points_cont[padded]).to(device),
-                                         torch.from_numpy(points_cat[padded]).to(device))
-                    x0 = self._diffusion.sample(self.network_, cond, noise, sampler=sampler, steps=steps)
-                out = x0[: len(idx)].float().cpu().numpy()
-                if not np.isfinite(out).all():
-                    raise RuntimeError("the model produced non-finite samples; the fit diverged or the "
-                                       "sampler is unstable for this diffusion setting")
+                out = np.empty((len(idx), n_samples, d), dtype=np.float32)
+                todo = [j for j, i in enumerate(idx) if keys[i] not in _POINT_CACHE]
+                for j, i in enumerate(idx):
+                    if keys[i] in _POINT_CACHE:
+                        out[j] = _POINT_CACHE[keys[i]]
+                if todo:
+                    fresh = idx[todo]
+                    padded = np.concatenate([fresh, np.full(per_call - len(fresh), fresh[-1])])
+                    noise = torch.stack([
+                        torch.randn((n_draws, n_samples, d),
+                                    generator=torch.Generator().manual_seed(
+                                        self._point_seed(points_cont[i], points_cat[i])))
+                        for i in padded], dim=1).to(device)
+                    with torch.no_grad():
+                        cond = self.encoder_(torch.from_numpy(points_cont[padded]).to(device),
+                                             torch.from_numpy(points_cat[padded]).to(device))
+                        x0 = self._diffusion.sample(self.network_, cond, noise, sampler=sampler,
+                                                    steps=steps)
+                    drawn = x0[: len(fresh)].float().cpu().numpy()
+                    if not np.isfinite(drawn).all():
+                        raise RuntimeError("the model produced non-finite samples; the fit diverged or the "
+                                           "sampler is unstable for this diffusion setting")
+                    for j, smp in zip(todo, drawn):
+                        out[j] = smp
+                        _POINT_CACHE.put(keys[idx[j]], smp)
                 bar.update(len(idx))
                 yield first, out
         finally:
             bar.close()
+
+    def curve_ages(self, low: float, high: float, n_points: int = 15) -> np.ndarray:
+        """About ``n_points`` ages from ``low`` to ``high`` for centile curves over age.
+
+        On the scoring grid they are snapped onto grid points, so every curve at the same other
+        covariates reuses the same draws (and each point costs one draw, not an interpolated two).
+        """
+        ages = np.linspace(float(low), float(high), int(n_points))
+        if not self._use_grid():
+            return ages
+        step = self._grid_step()
+        return np.unique(np.round(ages / step)) * step
+
+    def _weights_token(self) -> str:
+        """A digest of the fitted weights: the identity of the draws in :data:`_POINT_CACHE`."""
+        token = getattr(self, "_weights_digest", None)
+        if token is None:
+            h = hashlib.blake2b(digest_size=16)
+            for module in (self.encoder_, self.network_):
+                for name, tensor in module.state_dict().items():
+                    h.update(name.encode())
+                    h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            token = self._weights_digest = h.hexdigest()
+        return token
 
     def _scored_points(self, cont, cat, missing, with_joint: bool):
         """Iterate over the rows without missing covariates, in chunks that share covariate points.
@@ -1005,3 +1048,35 @@ def _same(a, b) -> bool:
 
 def _json_ready(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+class _DrawCache:
+    """Draws of covariate points kept for reuse within one process, bounded in bytes (oldest dropped)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: dict[tuple, np.ndarray] = {}
+        self._bytes = 0
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self._items[key]
+
+    def put(self, key, samples: np.ndarray) -> None:
+        if key in self._items or samples.nbytes > self.max_bytes:
+            return
+        self._items[key] = samples
+        self._bytes += samples.nbytes
+        while self._bytes > self.max_bytes:
+            oldest = next(iter(self._items))
+            self._bytes -= self._items.pop(oldest).nbytes
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
+
+#: Process-wide reuse of drawn covariate points (see ``NormativeDiffusion._draw``); 256 MB at most.
+_POINT_CACHE = _DrawCache(256 * 2**20)

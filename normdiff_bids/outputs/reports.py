@@ -121,7 +121,7 @@ def centile_curve_data(model, row: pd.Series, idps: Sequence[str], *, n_ages: in
         return []
     subject_age = _float(row.get("age"))
     lo, hi = _age_range(model, subject_age)
-    ages = np.linspace(lo, hi, n_ages)
+    ages = model.curve_ages(lo, hi, n_ages) if hasattr(model, "curve_ages") else np.linspace(lo, hi, n_ages)
     q = model.predict_quantiles(_grid_covariates(model, row, ages), list(quantiles))
     curves = []
     for idp in idps:
