@@ -1,0 +1,108 @@
+"""evaluate() on a model with a known answer, its figures, and the calibration report (page and fragment)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from normdiff_bids.data.synthetic import SyntheticCohort
+from normdiff_bids.errors import InputError
+from normdiff_bids.evaluation import evaluate, summary
+from normdiff_bids.evaluation.figures import make_figures
+from normdiff_bids.evaluation.report import render_calibration_report
+
+
+class OracleModel:
+    """A synthetic cohort's true distribution behind the estimator API; ``scale`` widens it."""
+
+    covariates = ("age", "sex", "site")
+
+    def __init__(self, cohort: SyntheticCohort, scale: float = 1.0):
+        self.cohort, self.scale, self.idps_ = cohort, scale, list(cohort.idps)
+
+    def _widen(self, values, covariates):
+        median = self.cohort.ppf(covariates, [0.5])[:, 0, :]
+        return median[:, None, :] + self.scale * (values - median[:, None, :])
+
+    def sample(self, covariates, n_samples):
+        return self._widen(self.cohort.sample_idps(covariates, n_samples, seed=7), covariates)
+
+    def predict_centiles(self, table):
+        median = self.cohort.ppf(table, [0.5])[:, 0, :]
+        narrowed = table.copy()
+        narrowed[self.idps_] = median + (table[self.idps_].to_numpy() - median) / self.scale
+        return self.cohort.cdf(narrowed).clip(1e-6, 1 - 1e-6)
+
+    def predict_quantiles(self, covariates, q):
+        values = self._widen(self.cohort.ppf(covariates, q), covariates)        # [R, Q, D]
+        columns = pd.MultiIndex.from_product([self.idps_, list(q)], names=["idp", "q"])
+        return pd.DataFrame(values.transpose(0, 2, 1).reshape(len(covariates), -1), columns=columns,
+                            index=covariates.index)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return SyntheticCohort(n_idps=4, n_sites=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(cohort):
+    return cohort.sample(1500, seed=1), cohort.sample(400, seed=2)
+
+
+@pytest.fixture(scope="module")
+def results(cohort, data):
+    train, holdout = data
+    return evaluate(OracleModel(cohort), train, holdout, n_samples=40, n_permutations=99,
+                    truth=cohort.cdf(holdout))
+
+
+def test_the_true_model_evaluates_as_calibrated_and_unmemorised(results):
+    assert results["centile_mae"] < 1e-6
+    assert abs(results["ace"] - results["ace_noise_floor"]) < 0.03
+    assert results["coverage95_abs_error"] < 0.03
+    assert results["pit_ks"] < 0.08
+    assert results["ks_frac_reject"] < 0.1
+    assert 0.85 < results["nn_median_ratio"] < 1.15
+    assert results["nn_near_duplicate_rate"] == 0.0
+    assert results["corr_frobenius"] < 3 * results["corr_noise_floor"]
+    assert set(results["groups"]) == {"sex", "site"}
+    assert list(results["groups"]["sex"].index) == ["F", "M"]
+    assert {"ace", "coverage95", "pit_ks", "nn_median_ratio"} <= set(results["groups"]["site"].columns)
+    assert list(results["per_idp"].index) == results["config"]["idps"]
+
+
+def test_a_too_wide_model_is_caught_by_coverage_and_pit(cohort, data):
+    train, holdout = data
+    wide = evaluate(OracleModel(cohort, scale=1.6), train, holdout, n_samples=40, n_permutations=49,
+                    group_by=(), curves=False)
+    assert wide["coverage95"] > 0.99
+    assert wide["pit_ks"] > 0.1
+    assert wide["groups"] == {}
+
+
+def test_summary_is_json_safe(results):
+    text = json.dumps(summary(results))
+    assert '"ace"' in text and "NaN" not in text
+
+
+@pytest.mark.slow
+def test_figures_are_png_and_the_report_embeds_them(results):
+    figures = make_figures(results)
+    assert set(figures) == {"centile_curves", "pit", "coverage", "nn_ratio", "correlation"}
+    assert all(png.startswith(b"\x89PNG") for png in figures.values())
+    page = render_calibration_report(results, figures)
+    fragment = render_calibration_report(results, figures, standalone=False)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert fragment.lstrip().startswith('<div class="ndc">') and "<html" not in fragment
+    assert page.count("data:image/png;base64,") == 5
+    assert "By site" in fragment and "Memorisation" in fragment
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing fetched
+
+
+def test_evaluate_names_missing_columns(cohort, data):
+    train, holdout = data
+    with pytest.raises(InputError, match="holdout: missing column"):
+        evaluate(OracleModel(cohort), train, holdout.drop(columns=cohort.idps[0]), n_samples=5)
