@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo
 DEMO_SUBJECTS ?= 300
+# Extra BIDS-App options for the demo, e.g. DEMO_ARGS="--backbone saint" or "--device cuda".
+DEMO_ARGS ?=
 
 .PHONY: demo test lint install install-test clean-demo
 
@@ -31,12 +33,12 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(BIN)/normdiff-synth $(DEMO_DIR)/bids --n-subjects $(DEMO_SUBJECTS) --seed 0 --overwrite
+	$(BIN)/normdiff-synth $(DEMO_DIR)/bids --n-subjects $(DEMO_SUBJECTS) --seed 0 --patients 0.1 --overwrite
 	$(BIN)/normdiff-bids $(DEMO_DIR)/bids $(DEMO_DIR)/bids/derivatives/normdiff group participant \
-		--work-dir $(DEMO_DIR)/work --seed 0
+		--reference-query "diagnosis == 'HC'" --work-dir $(DEMO_DIR)/work --seed 0 $(DEMO_ARGS)
 	@echo ""
 	@echo "Demo finished. Open the reports in a browser:"
-	@ls -1 $(DEMO_DIR)/bids/derivatives/normdiff/*.html 2>/dev/null | head -n 3 || true
+	@ls -1 $(DEMO_DIR)/bids/derivatives/normdiff/*.html 2>/dev/null | head -n 4 || true
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check normdiff_bids tests benchmarks workflows

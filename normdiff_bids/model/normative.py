@@ -565,8 +565,12 @@ class NormativeDiffusion:
         cov = self.covariate_schema_.continuous[0]
         step = self._grid_step()
         value = cov.mean + cont[:, 0].astype(np.float64) * cov.sd
-        k = np.floor(value / step).astype(np.int64)
-        w = value / step - k
+        position = value / step
+        # ages on a grid point (curve ages, or the same age decoded from float32) land on it exactly
+        snapped = np.abs(position - np.round(position)) < 1e-4
+        position = np.where(snapped, np.round(position), position)
+        k = np.floor(position).astype(np.int64)
+        w = position - k
         k_hi = np.where(w > 0, k + 1, k)
         keys = np.concatenate([np.column_stack([cat, k]), np.column_stack([cat, k_hi])])
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
