@@ -156,8 +156,20 @@ def test_labels_are_checked(dataset):
     with pytest.raises(InputError) as err:
         collect_idps(dataset, participant_label=["../x", "sub-01/anat"])
     assert len(err.value.problems) == 2 and "not a BIDS label" in str(err.value)
-    with pytest.raises(InputError, match="participant label '042': no sub-042"):
+    with pytest.raises(InputError, match="participant label '042': no sub-042") as err:
         collect_idps(dataset, participant_label=["042"])
+    assert len(err.value.problems) == 1, "an unknown label is one problem, not a cascade"
+
+
+def test_a_bad_row_of_another_participant_does_not_block_a_selection(copy):
+    participants = copy / "participants.tsv"
+    lines = participants.read_text().splitlines()
+    lines[3] = lines[3].replace(lines[3].split("\t")[1], "old")  # sub-003's age
+    participants.write_text("\n".join(lines) + "\n")
+    table, _ = collect_idps(copy, participant_label=["001"], idp_set="aseg")
+    assert list(table["participant_id"]) == ["sub-001"] and table["age"].notna().all()
+    with pytest.raises(InputError, match="line 4, column 'age': 'old' is not a number"):
+        collect_idps(copy, participant_label=["003"], idp_set="aseg")
 
 
 def test_custom_covariate_columns_and_no_site(copy):

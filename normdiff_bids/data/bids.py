@@ -144,14 +144,18 @@ def read_covariates(bids_dir: str | Path, subjects: dict[str, list[str]] | None 
     missing_id = ids.isna()
     for i in np.flatnonzero(missing_id.to_numpy()):
         problems.add(f"{path}, line {i + 2}: participant_id is empty")
-    duplicated = ids[ids.duplicated(keep=False) & ~missing_id]
+    ids = pd.Series([pid if pd.isna(pid) or str(pid).startswith("sub-") else f"sub-{pid}" for pid in ids],
+                    index=raw.index, dtype=object)
+    # Only the selected participants' rows are checked and kept: a bad row of someone else (another
+    # array job's participant) must not stop this selection.
+    in_scope = ~missing_id if not subjects else ids.isin(list(subjects))
+    duplicated = ids[ids.duplicated(keep=False) & in_scope]
     for pid in dict.fromkeys(duplicated):
         lines = [str(i + 2) for i in np.flatnonzero((ids == pid).to_numpy())]
         problems.add(f"{path}: participant {pid!r} is listed more than once (lines {', '.join(lines)}); "
                      "keep one row per participant")
-    raw = raw[~missing_id].copy()
-    raw["participant_id"] = [pid if str(pid).startswith("sub-") else f"sub-{pid}"
-                             for pid in raw["participant_id"]]
+    raw = raw[in_scope].copy()
+    raw["participant_id"] = ids[in_scope].to_numpy()
 
     # Age may live in sessions.tsv instead (longitudinal data): look there before calling it missing.
     sessions = _read_sessions(bids_dir, subjects or {}, columns.age, problems)

@@ -192,6 +192,8 @@ def collect_idps(bids_dir: str | Path, fs_dir: str | Path | None = None,
             problems.add(f"participant label {s!r}: no sub-{s} in {bids_dir} (participants are "
                          f"{_preview(subjects)})")
         subjects = {k: v for k, v in subjects.items() if k.removeprefix("sub-") in subjects_sel}
+        if not subjects:
+            problems.raise_if_any(header="the participant selection matches no participant")
     has_sessions = any(subjects.values())
     if sessions_sel is not None and has_sessions:
         all_sessions = {s for v in subjects.values() for s in v}
