@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="--direct: batch size")
     parser.add_argument("--preset", default="default", help="--direct: FiLM-MLP preset")
     parser.add_argument("--threads", type=int, default=1, help="--direct: torch threads")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="sampler settings to score, by label (default: all), e.g. default ddim-20")
     args = parser.parse_args(argv)
     os.environ.setdefault("NORMDIFF_QUIET", "1")
     if args.direct:
@@ -203,6 +205,11 @@ def main(argv=None) -> int:
             setattr(args, key, value)
 
     settings = sampler_settings(args.quick)
+    if args.settings:
+        unknown = sorted(set(args.settings) - {label for label, _, _ in settings})
+        if unknown:
+            parser.error(f"unknown --settings {unknown}; choose from {[s[0] for s in settings]}")
+        settings = [s for s in settings if s[0] in args.settings]
     rows = []
     for d in args.d:
         rows.extend(run_direct(d, args) if args.direct else run(d, args, settings))
