@@ -35,7 +35,8 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/normdiff-synth $(DEMO_DIR)/bids --n-subjects $(DEMO_SUBJECTS) --seed 0 --patients 0.1 --overwrite
 	$(BIN)/normdiff-bids $(DEMO_DIR)/bids $(DEMO_DIR)/bids/derivatives/normdiff group participant \
-		--reference-query "diagnosis == 'HC'" --work-dir $(DEMO_DIR)/work --seed 0 $(DEMO_ARGS)
+		--reference-query "diagnosis == 'HC'" --idp-set aseg aparc-thickness \
+		--work-dir $(DEMO_DIR)/work --seed 0 $(DEMO_ARGS)
 	@echo ""
 	@echo "Demo finished. Open the reports in a browser:"
 	@ls -1 $(DEMO_DIR)/bids/derivatives/normdiff/*.html 2>/dev/null | head -n 4 || true

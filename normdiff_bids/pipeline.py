@@ -160,7 +160,7 @@ def init_single_subject_wf(*, output_dir, model_dir, participant_id: str, sessio
 
     Input ``inputnode.scores``: a wide score table holding (at least) this subject's row.
     """
-    from nipype.interfaces.utility import IdentityInterface
+    from nipype.interfaces.utility import IdentityInterface, Merge
 
     label = participant_id.removeprefix("sub-")
     if name is None:
@@ -173,14 +173,20 @@ def init_single_subject_wf(*, output_dir, model_dir, participant_id: str, sessio
         ids["session_id"] = session_id
     ds_scores = pe.Node(WriteSubjectScores(output_dir=os.fspath(output_dir), **ids), name="ds_scores")
     maps = pe.Node(DeviationMaps(output_dir=os.fspath(output_dir), **ids), name="deviation_maps")
-    if fs_subject_dir:
-        maps.inputs.fs_subject_dir = os.fspath(fs_subject_dir)
     report = pe.Node(NormDiffReport(output_dir=os.fspath(output_dir), model_dir=os.fspath(model_dir),
                                     num_threads=1, **ids), name="report")
+    if fs_subject_dir:
+        # the maps paint into this folder's aparc+aseg; the report shows its slices under them
+        maps.inputs.fs_subject_dir = os.fspath(fs_subject_dir)
+        report.inputs.fs_subject_dir = os.fspath(fs_subject_dir)
+    written = pe.Node(Merge(2), name="written_files")
     wf.connect([
         (inputnode, ds_scores, [("scores", "scores")]),
         (inputnode, maps, [("scores", "scores")]),
         (inputnode, report, [("scores", "scores")]),
         (maps, report, [("volume_maps", "volume_maps")]),
+        (ds_scores, written, [("out_files", "in1")]),
+        (maps, written, [("out_files", "in2")]),
+        (written, report, [("out", "files")]),
     ])
     return wf
