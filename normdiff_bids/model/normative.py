@@ -34,7 +34,7 @@ from normdiff_bids.model.preprocess import METHODS as PREPROCESSING_METHODS
 from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.progress import progress
 from normdiff_bids.scoring.centiles import centiles_to_z, empirical_centiles, sample_quantiles
-from normdiff_bids.scoring.joint import ledoit_wolf_covariance, normal_scores_loo
+from normdiff_bids.scoring.joint import joint_reference, mahalanobis
 
 __all__ = ["NormativeDiffusion", "load_model", "DEFAULTS", "PAPER"]
 
@@ -700,7 +700,7 @@ class NormativeDiffusion:
         for first, samples in self._draw(points_cont, points_cat, n_samples, desc="sampling"):
             for j, smp in enumerate(samples):
                 srt = np.sort(smp, axis=0).astype(np.float64)
-                cache[first + j] = (srt, _joint_reference(smp[None].astype(np.float64))
+                cache[first + j] = (srt, _point_joint_reference(smp)
                                     if with_joint else None)
             done = first + len(samples)
             end = cursor + np.searchsorted(last[order[cursor:]], done, side="left")
@@ -1018,25 +1018,10 @@ def _small_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _joint_reference(samples: np.ndarray):
-    """The joint-deviation reference of one covariate point, computed once and shared by its rows.
-
-    Same statistic and split as :func:`normdiff_bids.scoring.joint.joint_deviation` (normal scores
-    among the samples, Ledoit-Wolf covariance on the even-position samples, reference statistics of
-    the odd-position samples); a row's subject statistic then only needs its own normal scores.
-    """
-    n = samples.shape[1]
-    z = normal_scores_loo(samples)
-    cov = ledoit_wolf_covariance(z[:, np.arange(0, n, 2)])[0]
-    chol = np.linalg.cholesky(cov)
-    ref = _mahalanobis(z[0, np.arange(1, n, 2)], chol)
-    return chol, ref
-
-
-def _mahalanobis(z: np.ndarray, chol: np.ndarray) -> np.ndarray:
-    from scipy.linalg import solve_triangular
-
-    return np.sqrt(np.sum(solve_triangular(chol, z.T, lower=True) ** 2, axis=0))
+def _point_joint_reference(samples: np.ndarray):
+    """The joint-deviation reference of one covariate point ``[S, D]``, computed once, shared by its rows."""
+    chol, ref = joint_reference(samples[None].astype(np.float64))
+    return chol[0], ref[0]
 
 
 def _joint_scores(z_values: np.ndarray, refs) -> np.ndarray:
@@ -1045,7 +1030,7 @@ def _joint_scores(z_values: np.ndarray, refs) -> np.ndarray:
     for i, (z, (chol, ref)) in enumerate(zip(z_values, refs)):
         if not np.isfinite(z).all():
             continue
-        stat = _mahalanobis(z[None], chol)[0]
+        stat = mahalanobis(z[None, None], chol[None])[0, 0]
         out[i, 0] = stat
         out[i, 1] = empirical_centiles(np.array([[stat]]), ref[None, :, None])[0][0, 0]
     return out

@@ -23,7 +23,7 @@ from scipy.stats import rankdata
 
 from normdiff_bids.scoring.centiles import CENTILE_FLOOR, centiles_to_z, empirical_centiles, tail_z
 
-__all__ = ["joint_deviation", "ledoit_wolf_covariance", "normal_scores_loo"]
+__all__ = ["joint_deviation", "joint_reference", "ledoit_wolf_covariance", "mahalanobis", "normal_scores_loo"]
 
 #: Element budget per chunk of rows for [rows, S, D] work arrays.
 _CHUNK_ELEMENTS = 4_000_000
@@ -80,11 +80,27 @@ def ledoit_wolf_covariance(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _mahalanobis(z, cov):
-    """``sqrt(z^T cov^-1 z)`` for ``z [R, m, D]``, ``cov [R, D, D]`` (SPD) -> ``[R, m]``."""
-    chol = np.linalg.cholesky(cov)
-    w = np.linalg.solve(chol, np.swapaxes(z, 1, 2))  # [R, D, m] = L^-1 z^T
-    return np.sqrt(np.sum(w ** 2, axis=1))
+def mahalanobis(z: np.ndarray, chol: np.ndarray) -> np.ndarray:
+    """``sqrt(z^T cov^-1 z)`` for ``z [R, m, D]`` given ``chol [R, D, D]``, the Cholesky factor of each
+    row's covariance -> ``[R, m]``. Triangular solves, one row at a time (R is small where it is hot)."""
+    from scipy.linalg import solve_triangular
+
+    out = np.empty(z.shape[:2])
+    for r in range(z.shape[0]):
+        out[r] = np.sqrt(np.sum(solve_triangular(chol[r], z[r].T, lower=True) ** 2, axis=0))
+    return out
+
+
+def joint_reference(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What scoring against ``samples [R, S, D]`` needs, computed once per row of samples.
+
+    Returns ``chol [R, D, D]``, the Cholesky factor of the Ledoit-Wolf covariance of the normal scores
+    of the even-position samples, and ``ref [R, S // 2]``, the statistic of the odd-position samples:
+    a subject's centile is taken among those, so it is calibrated against the model's own draws.
+    """
+    z = normal_scores_loo(samples)
+    chol = np.linalg.cholesky(ledoit_wolf_covariance(z[:, 0::2]))
+    return chol, mahalanobis(z[:, 1::2], chol)
 
 
 def joint_deviation(values, samples, index=None) -> pd.DataFrame:
@@ -105,18 +121,15 @@ def joint_deviation(values, samples, index=None) -> pd.DataFrame:
     stat = np.full(n_rows, np.nan)
     centile = np.full(n_rows, np.nan)
     chunk = max(1, _CHUNK_ELEMENTS // (n * d))
-    fit_idx, ref_idx = np.arange(0, n, 2), np.arange(1, n, 2)
     for lo in range(0, n_rows, chunk):
         sl = slice(lo, lo + chunk)
         smp = samples[sl]
         z_value = centiles_to_z(empirical_centiles(values[sl], smp)[0])
-        z_samples = normal_scores_loo(smp)
-        cov = ledoit_wolf_covariance(z_samples[:, fit_idx])
-        ref = _mahalanobis(z_samples[:, ref_idx], cov)  # [r, S/2]
+        chol, ref = joint_reference(smp)  # ref [r, S/2]
         ok = np.all(np.isfinite(z_value), axis=1)
         subj = np.full(z_value.shape[0], np.nan)
         if ok.any():
-            subj[ok] = _mahalanobis(z_value[ok][:, None, :], cov[ok])[:, 0]
+            subj[ok] = mahalanobis(z_value[ok][:, None, :], chol[ok])[:, 0]
         c, _ = empirical_centiles(np.where(ok, subj, 0.0)[:, None], ref[:, :, None])
         stat[sl] = subj
         centile[sl] = np.where(ok, c[:, 0], np.nan)
