@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+
+from normdiff_bids.model.config import ConfigDict
 
 __all__ = ["BACKBONES", "FILM_MLP_PRESETS", "FiLMMLP", "FiLMMLPConfig", "get_backbone", "preset_config",
            "sinusoidal_embedding"]
@@ -22,7 +24,7 @@ _NORMS = ("batch", "layer", "none")
 
 
 @dataclass
-class FiLMMLPConfig:
+class FiLMMLPConfig(ConfigDict):
     """Hyper-parameters of :class:`FiLMMLP` (saved in the model bundle).
 
     Attributes
@@ -58,16 +60,6 @@ class FiLMMLPConfig:
         if problems:
             raise ValueError("invalid FiLMMLPConfig: " + "; ".join(problems))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FiLMMLPConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FiLMMLPConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 #: Named FiLM-MLP configurations.

@@ -6,13 +6,14 @@ The backbone of the paper's high-dimensional setting (DESIGN section 1), with th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from normdiff_bids.model.backbones import sinusoidal_embedding
+from normdiff_bids.model.config import ConfigDict
 
 __all__ = ["BUDGET_FORWARD_FLOPS", "PAPER_EPOCHS", "PRESETS", "SAINT", "SAINTConfig", "SAINT_LR"]
 
@@ -34,7 +35,7 @@ BUDGET_FORWARD_FLOPS = 8e12
 
 
 @dataclass
-class SAINTConfig:
+class SAINTConfig(ConfigDict):
     """Hyper-parameters of :class:`SAINT`; saved in the model bundle so a model rebuilds itself exactly.
 
     Attributes
@@ -74,6 +75,8 @@ class SAINTConfig:
         Name of the preset this configuration came from (``"paper"``, ``"budgeted"`` or ``"custom"``);
         informational, recorded in the model card.
     """
+
+    _unknown_message = "unknown SAINT config keys {unknown}; valid keys are {known}"
 
     d_model: int = 64
     n_blocks: int = 3
@@ -116,23 +119,6 @@ class SAINTConfig:
             raise ValueError(
                 f"SAINTConfig.time_embedding_dim must be an even number >= 2; got {self.time_embedding_dim}"
             )
-
-    # -- serialisation -------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        """Plain JSON-safe dict of every field (what the bundle stores)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> SAINTConfig:
-        """Rebuild from :meth:`to_dict` output; unknown keys raise a ``ValueError`` naming them."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown SAINT config keys {unknown}; valid keys are {sorted(known)}"
-            )
-        return cls(**values)
 
     # -- presets -------------------------------------------------------------------------------------
     @classmethod

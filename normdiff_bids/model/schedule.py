@@ -9,10 +9,12 @@ variance-exploding EDM process (Karras et al., 2022) share one implementation of
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from normdiff_bids.model.config import ConfigDict
 
 __all__ = ["DiffusionConfig", "NoiseLevels", "VPSchedule", "EDMSchedule", "make_schedule"]
 
@@ -24,7 +26,7 @@ _VARIANCES = ("posterior", "forward")
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(ConfigDict):
     """Hyper-parameters of the diffusion process, saved in the model bundle.
 
     The defaults are the reference setting of Whitbread, Palmer & Jenkinson (2026): a discrete
@@ -122,16 +124,6 @@ class DiffusionConfig:
             raise ValueError("invalid DiffusionConfig: " + "; ".join(problems))
         self.timesteps = int(self.timesteps)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DiffusionConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DiffusionConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
