@@ -276,20 +276,13 @@ class _FeatureBlock(nn.Module):
         return self.norm2(h + self.drop(self.ffn(h)))
 
 
-class _IntersampleBlock(nn.Module):
+class _IntersampleBlock(_FeatureBlock):
     """Attention across the rows of a batch, on mean-pooled row tokens: ``[B, D, d] -> [B, D, d]``.
 
     Each row is summarised by the mean of its IDP tokens; the rows attend to each other and the message
-    is added to every token of the row, followed by a token-wise FFN (both post-norm).
+    is added to every token of the row, followed by a token-wise FFN (both post-norm). The layers are a
+    feature block's; only what attends to what differs.
     """
-
-    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, attention_dropout: float):
-        super().__init__()
-        self.attn = _MultiHeadAttention(d_model, n_heads, attention_dropout)
-        self.ffn = _FeedForward(d_model, ffn_mult, dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.drop = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         rows = h.mean(dim=1).unsqueeze(0)  # [1, B, d]: the batch is one sequence of row tokens
