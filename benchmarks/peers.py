@@ -145,7 +145,8 @@ def fit_ours(backbone: str, data: Dataset, args) -> tuple[object, float]:
     from normdiff_bids import NormativeDiffusion
 
     model = NormativeDiffusion(backbone=backbone, covariates=COVARIATES, seed=args.seed, device="auto",
-                               epochs=args.epochs, n_samples=args.n_score_samples, verbose=False)
+                               epochs=args.epochs, n_samples=args.n_score_samples, grid_step=args.grid_step,
+                               verbose=False)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -177,7 +178,10 @@ def run_pcntoolkit(data: Dataset, warp: str | None, args) -> tuple[Precomputed, 
             "idps": data.idps, "covariates": ["age"], "batch_effects": ["sex", "site"],
             "quantile_levels": [0.025, 0.5, 0.975], "n_samples": args.n_samples, "seed": args.seed,
             "warp": warp, "n_iter": args.pcn_iter}))
+        # One BLAS thread unless the caller says otherwise: the BLR design matrices are small.
         env = dict(os.environ, PYTHONWARNINGS="ignore")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env.setdefault(var, "1")
         proc = subprocess.run([python, str(worker), str(work)], capture_output=True, text=True, env=env,
                               timeout=args.pcn_timeout)
         if proc.returncode != 0:
@@ -221,22 +225,38 @@ def score(model, data: Dataset, args, fit_s: float, score_s: float | None = None
     return row
 
 
+def saint_args(args):
+    """SAINT's sampling settings: its network costs 6-40x the FiLM-MLP's per row (D=20 to 200), so it
+    draws fewer samples on a coarser grid to keep a dataset within 30 minutes on a 2-core CPU."""
+    return argparse.Namespace(**{**vars(args), "n_score_samples": args.saint_score_samples,
+                                 "n_samples": args.saint_samples, "grid_step": args.saint_grid_step})
+
+
 def run_method(method: str, data: Dataset, args) -> dict:
     try:
+        limit = args.saint_max_idps
+        if method == "saint" and limit is not None and len(data.idps) > limit:
+            raise RuntimeError(f"skipped: {len(data.idps)} IDPs exceed --saint-max-idps={limit} "
+                               "(at D=200 its network costs ~40x the FiLM-MLP's per row: over an hour "
+                               "on a 2-core CPU; see benchmarks/dimension_scaling.py)")
         if method in ("film-mlp", "saint"):
-            model, fit_s = fit_ours(method, data, args)
-            return score(model, data, args, fit_s)
+            method_args = saint_args(args) if method == "saint" else args
+            model, fit_s = fit_ours(method, data, method_args)
+            row = score(model, data, method_args, fit_s)
+            if method == "saint":
+                row["_settings"] = (f"SAINT: {method_args.n_score_samples} draws per covariate point, "
+                                    f"{method_args.n_samples} per test person, "
+                                    f"{method_args.grid_step or 'default'}-year grid")
+            return row
         if method == "gauss-spline":
             model, fit_s = fit_baseline(data, args)
             return score(model, data, args, fit_s)
         if method in ("pcn-blr", "pcn-blr-shash"):
             warp = "WarpSinhArcsinh" if method == "pcn-blr-shash" else None
             limit = args.pcn_warp_max_idps if warp else args.pcn_max_idps
-            if len(data.idps) > limit:
-                raise RuntimeError(f"skipped: PCNtoolkit's heteroskedastic BLR fits one IDP at a time, "
-                                   f"1-3 CPU-minutes each on this 2-core machine; {len(data.idps)} IDPs "
-                                   f"exceed the 30-minute budget (--pcn{'-warp' if warp else ''}-max-idps="
-                                   f"{limit})")
+            if limit is not None and len(data.idps) > limit:
+                raise RuntimeError(f"skipped: {len(data.idps)} IDPs exceed --pcn{'-warp' if warp else ''}"
+                                   f"-max-idps={limit} (PCNtoolkit fits one BLR per IDP)")
             model, fit_s, score_s = run_pcntoolkit(data, warp, args)
             return score(model, data, args, fit_s, score_s)
         raise ValueError(f"unknown method {method!r}")
@@ -281,10 +301,11 @@ def format_row(data: Dataset, method: str, row: dict, methods) -> str:
 
 
 def format_footer(rows: dict[str, dict]) -> str:
+    lines = [f"   {r['_settings']}" for r in rows.values() if "_settings" in r]
     floors = [r["_ace_floor"] for r in rows.values() if "_ace_floor" in r]
-    if not floors:
-        return ""
-    return f"   ACE of a perfect model on these age bins (binomial noise floor): {floors[0]:.4f}"
+    if floors:
+        lines.append(f"   ACE of a perfect model on these age bins (binomial noise floor): {floors[0]:.4f}")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
@@ -298,16 +319,28 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="small cohorts and short training: checks the benchmark runs, not who wins")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dims", type=lambda v: tuple(int(d) for d in v.split(",")), default=None,
+                        help="synthetic cohorts: comma-separated numbers of IDPs (default 4,20)")
+    parser.add_argument("--grid-step", type=float, default=None,
+                        help="our models' scoring grid step in years (default: the estimator's)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="training epochs of our models (default: auto)")
     parser.add_argument("--n-samples", type=int, default=200, help="samples per test person for ACE/corr err")
     parser.add_argument("--n-score-samples", type=int, default=1000, help="samples per person for centiles")
+    parser.add_argument("--saint-score-samples", type=int, default=300,
+                        help="SAINT: samples per covariate point for centiles")
+    parser.add_argument("--saint-samples", type=int, default=50,
+                        help="SAINT: samples per test person for ACE/corr err")
+    parser.add_argument("--saint-grid-step", type=float, default=1.0,
+                        help="SAINT: scoring grid step in years")
+    parser.add_argument("--saint-max-idps", type=int, default=100,
+                        help="run SAINT only up to this many IDPs (its cost grows with D)")
     parser.add_argument("--pcn-python", default=os.environ.get("NORMDIFF_PCN_PYTHON", DEFAULT_PCN_PYTHON))
     parser.add_argument("--pcn-iter", type=int, default=100, help="PCNtoolkit BLR optimiser iterations")
-    parser.add_argument("--pcn-max-idps", type=int, default=25,
-                        help="run PCNtoolkit BLR only up to this many IDPs (it fits one IDP at a time)")
-    parser.add_argument("--pcn-warp-max-idps", type=int, default=20,
-                        help="run the SHASH-warped BLR only up to this many IDPs (it is slow)")
+    parser.add_argument("--pcn-max-idps", type=int, default=None,
+                        help="run PCNtoolkit BLR only up to this many IDPs (default: no limit)")
+    parser.add_argument("--pcn-warp-max-idps", type=int, default=None,
+                        help="run the SHASH-warped BLR only up to this many IDPs (default: no limit)")
     parser.add_argument("--pcn-timeout", type=int, default=1800,
                         help="seconds before the PCNtoolkit run is stopped")
     args = parser.parse_args(argv)
@@ -319,8 +352,10 @@ def parse_args(argv=None):
         args.epochs = args.epochs or 20
         args.n_samples = min(args.n_samples, 50)
         args.n_score_samples = min(args.n_score_samples, 200)
+        args.saint_samples = min(args.saint_samples, 50)
+        args.saint_score_samples = min(args.saint_score_samples, 200)
         args.pcn_iter = min(args.pcn_iter, 30)
-        args.pcn_warp_max_idps = min(args.pcn_warp_max_idps, 4)
+        args.pcn_warp_max_idps = min(args.pcn_warp_max_idps or 4, 4)
     return args
 
 
@@ -334,7 +369,7 @@ def main(argv=None) -> int:
             datasets = [d for d in datasets if len(d.idps) <= 20] or datasets[:1]
     else:
         n_train, n_test = (1000, 300) if args.quick else (6000, 1000)
-        sizes = (4,) if args.quick else (4, 20)
+        sizes = args.dims or ((4,) if args.quick else (4, 20))
         datasets = [synthetic_dataset(d, n_train, n_test, args.seed) for d in sizes]
     for data in datasets:
         # Rows are printed as they finish, so a long run shows its progress and keeps what it measured.
