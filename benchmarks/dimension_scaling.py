@@ -33,15 +33,18 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-FULL = {"dims": (2, 20, 100, 200), "n_train": 6000, "n_test": 1000, "n_samples": 1000, "n_generated": 20,
-        "epochs": None, "steps": None}
+#: The full study. 200 draws per covariate point on a 1-year grid (``mc_floor`` shows what that costs in
+#: centile error) keep SAINT's scoring at D=200 to about half an hour of one CPU core.
+FULL = {"dims": (2, 20, 100, 200), "n_train": 6000, "n_test": 1000, "n_samples": 200, "n_generated": 10,
+        "epochs": None, "steps": None, "grid_step": 1.0}
 QUICK = {"dims": (2, 20), "n_train": 600, "n_test": 100, "n_samples": 100, "n_generated": 10,
-         "epochs": 10, "steps": 10}
+         "epochs": 10, "steps": 10, "grid_step": None}
 BACKBONES = ("film-mlp", "saint")
 COVARIATES = ("age", "sex", "site")
 
@@ -110,11 +113,17 @@ def run_one(cohort, train, test, backbone: str, cfg: dict, args) -> dict:
     model = NormativeDiffusion(backbone=backbone, covariates=COVARIATES, seed=args.seed, device=args.device,
                                epochs=cfg["epochs"], n_samples=cfg["n_samples"], steps=cfg["steps"],
                                preset=None if args.preset == "default" else args.preset,
-                               grid_step=args.grid_step, verbose=args.verbose,
+                               grid_step=cfg["grid_step"], verbose=args.verbose, lr=args.lr,
                                **({"batch_size": args.batch_size} if args.batch_size else {}))
     start, cpu = time.perf_counter(), cpu_seconds()
     model.fit(train)
     fit_s, fit_cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    if args.history:
+        from normdiff_bids.atomic import atomic_write_text
+
+        history = Path(args.history) / f"history_D{len(cohort.idps)}_{backbone}.csv"
+        history.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(history, model.history_.to_csv(index=False))
 
     start, cpu = time.perf_counter(), cpu_seconds()
     centiles = model.predict_centiles(test)
@@ -128,6 +137,7 @@ def run_one(cohort, train, test, backbone: str, cfg: dict, args) -> dict:
         "D": len(idps), "backbone": backbone,
         "params": model.training_summary_["n_parameters"],
         "epochs": f"{model.training_summary_['epochs_run']}/{model.training_summary_['epochs_max']}",
+        "val_loss": model.training_summary_["best_val_loss"] or math.nan,
         "fit_s": fit_s, "fit_cpu": fit_cpu, "score_s": score_s, "score_cpu": score_cpu,
         "net_us": network_us_per_row(model),
         "cent_err": centile_error(centiles, truth, idps)["mean_abs_error"],
@@ -144,6 +154,28 @@ def run_one(cohort, train, test, backbone: str, cfg: dict, args) -> dict:
     return row
 
 
+def _one_thread() -> None:
+    """Pool workers: one BLAS/torch thread each, so ``--jobs`` processes share the cores without
+    oversubscription."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _job(job: tuple[int, str], cfg: dict, args) -> dict:
+    """One (D, backbone) cell of the table; the cohort is rebuilt from its seeds, so cells are independent."""
+    from normdiff_bids.data.synthetic import SyntheticCohort
+
+    d, backbone = job
+    cohort = SyntheticCohort(n_idps=d, n_sites=3, seed=args.seed)
+    train = cohort.sample(cfg["n_train"], seed=args.seed + 1)
+    test = cohort.sample(cfg["n_test"], seed=args.seed + 2)
+    row = run_one(cohort, train, test, backbone, cfg, args)
+    print(f"done D={d} {backbone}: fit {row['fit_s']:.0f}s, score {row['score_s']:.0f}s",
+          file=sys.stderr, flush=True)
+    return row
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (D in {2, 20}), a few minutes")
@@ -154,14 +186,18 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--n-train", type=int, help="reference subjects per cohort (default 6000)")
     parser.add_argument("--n-test", type=int, help="held-out subjects (default 1000)")
-    parser.add_argument("--n-samples", type=int, help="model draws per covariate point when scoring")
+    parser.add_argument("--n-samples", type=int, help="draws per covariate point when scoring (default 200)")
     parser.add_argument("--n-generated", type=int, help="model draws per held-out subject for ACE and "
-                        "correlations (default 20)")
+                        "correlations (default 10)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the estimator's budget)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the estimator's)")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: the backbone's)")
+    parser.add_argument("--history", help="write per-epoch losses to DIR/history_D<d>_<backbone>.csv")
     parser.add_argument("--batch-size", type=int, help="training batch (default: the estimator's)")
-    parser.add_argument("--grid-step", type=float, help="scoring grid step in years (default: the "
-                        "estimator's, age SD / 40); a coarser grid scores fewer covariate points")
+    parser.add_argument("--grid-step", type=float, help="scoring grid step in years (default 1; with "
+                        "--quick the estimator's, age SD / 30); a coarser grid scores fewer covariate points")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the (D, backbone) cells in this many processes of one thread each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", help="also write the table to this CSV file")
     parser.add_argument("--verbose", action="store_true", help="progress bars")
@@ -170,31 +206,34 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from normdiff_bids.data.synthetic import SyntheticCohort
 
     cfg = dict(QUICK if args.quick else FULL)
     if args.dims:
         cfg["dims"] = tuple(int(v) for v in args.dims.split(","))
-    for key in ("n_train", "n_test", "n_samples", "n_generated", "epochs", "steps"):
+    for key in ("n_train", "n_test", "n_samples", "n_generated", "epochs", "steps", "grid_step"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
 
-    rows = []
-    for d in cfg["dims"]:
-        cohort = SyntheticCohort(n_idps=d, n_sites=3, seed=args.seed)
-        train = cohort.sample(cfg["n_train"], seed=args.seed + 1)
-        test = cohort.sample(cfg["n_test"], seed=args.seed + 2)
-        for backbone in backbones:
-            row = run_one(cohort, train, test, backbone, cfg, args)
-            rows.append(row)
-            print(f"done D={d} {backbone}: fit {row['fit_s']:.0f}s, score {row['score_s']:.0f}s",
-                  file=sys.stderr, flush=True)
+    # Longest jobs first, so that with --jobs the pool ends together.
+    jobs = sorted(((d, b) for d in cfg["dims"] for b in backbones),
+                  key=lambda job: (job[0], job[1] == "saint"), reverse=True)
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_one_thread) as pool:
+            rows = list(pool.map(_job, jobs, [cfg] * len(jobs), [args] * len(jobs)))
+    else:
+        rows = [_job(job, cfg, args) for job in jobs]
+    rows.sort(key=lambda row: (row["D"], BACKBONES.index(row["backbone"]) if row["backbone"] in BACKBONES
+                               else len(BACKBONES)))
 
     table = pd.DataFrame(rows)
     print(f"Dimension study on SyntheticCohort (N_train={cfg['n_train']}, n_test={cfg['n_test']}, "
           f"n_samples={cfg['n_samples']}, n_generated={cfg['n_generated']}, preset={args.preset}, "
-          f"batch_size={args.batch_size or 'default'}, grid_step={args.grid_step or 'default'}, "
+          f"batch_size={args.batch_size or 'default'}, grid_step={cfg['grid_step'] or 'default'}, "
           f"device={args.device}, seed={args.seed})")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print("targets at D=200: cent_err <= {cent_err}, cov95_err <= {cov95_err}, "
