@@ -227,8 +227,7 @@ def main(argv=None) -> int:
             rows = list(pool.map(_job, jobs, [cfg] * len(jobs), [args] * len(jobs)))
     else:
         rows = [_job(job, cfg, args) for job in jobs]
-    rows.sort(key=lambda row: (row["D"], BACKBONES.index(row["backbone"]) if row["backbone"] in BACKBONES
-                               else len(BACKBONES)))
+    rows.sort(key=lambda row: (row["D"], backbones.index(row["backbone"])))
 
     table = pd.DataFrame(rows)
     print(f"Dimension study on SyntheticCohort (N_train={cfg['n_train']}, n_test={cfg['n_test']}, "
