@@ -131,6 +131,11 @@ def _homolog_key(name: str) -> str:
     return name
 
 
+#: How :class:`SyntheticCohort` sizes its sites: ``dirichlet`` (similar sizes) or ``zipf`` (weight of the
+#: k-th site ~ 1/k: with 20 sites and 200 people, the smallest sites have about 3).
+SITE_SIZES = ("dirichlet", "zipf")
+
+
 @dataclass(frozen=True)
 class _Params:
     """Per-row, per-IDP distribution parameters [R, D]."""
@@ -157,6 +162,10 @@ class SyntheticCohort:
     correlation (a global size factor, one factor per measure kind, a strong left/right homolog factor).
     ``y_j = F_j^{-1}(Phi(z_j))``, so ``F_j`` is exactly the conditional marginal of IDP j.
 
+    ``site_sizes="zipf"`` gives a consortium of a few large sites and many small ones, and
+    ``site_effect`` multiplies every site's location and scale effects (1: scanner-like effects of about
+    2% in location and 8% in spread; 3: effects as large as a fraction of an SD in every IDP).
+
     Attributes: ``idps`` (real aseg and DK names, interleaved; a ``_2`` suffix past the 243 real ones),
     ``sites`` (``site1``...), ``kinds``, ``families``, ``correlation`` (R). Each IDP's parameters come from
     its own random stream, so the first k IDPs are the same model whatever ``n_idps`` is.
@@ -170,7 +179,12 @@ class SyntheticCohort:
     covariates = ("age", "sex", "site")
 
     def __init__(self, n_idps: int = 20, n_sites: int = 3, seed: int = 0,
-                 age_range: tuple[float, float] = (8.0, 85.0)):
+                 age_range: tuple[float, float] = (8.0, 85.0), site_sizes: str = "dirichlet",
+                 site_effect: float = 1.0):
+        if site_sizes not in SITE_SIZES:
+            raise ValueError(f"site_sizes must be one of {SITE_SIZES}, got {site_sizes!r}")
+        if not float(site_effect) >= 0:
+            raise ValueError(f"site_effect must be >= 0, got {site_effect!r}")
         if int(n_idps) < 1:
             raise ValueError(f"n_idps must be at least 1, got {n_idps}")
         if int(n_sites) < 1:
@@ -181,6 +195,8 @@ class SyntheticCohort:
         self.n_sites = int(n_sites)
         self.seed = int(seed)
         self.age_range = (float(age_range[0]), float(age_range[1]))
+        self.site_sizes = site_sizes
+        self.site_effect = float(site_effect)
         self._build()
 
     # -- construction ------------------------------------------------------------------------------------
@@ -267,11 +283,15 @@ class SyntheticCohort:
         # Site: a scanner offset shared by all IDPs plus an IDP-specific one (location), and a scale
         # multiplier; the first site is the reference scanner.
         site_rng = np.random.default_rng([self.seed, 3, K])
-        self._site_loc = site_rng.normal(0.0, 0.02, size=(K, 1)) + site_loc
-        self._site_scale = site_scale
+        self._site_loc = self.site_effect * (site_rng.normal(0.0, 0.02, size=(K, 1)) + site_loc)
+        self._site_scale = self.site_effect * site_scale
         self._site_loc[0] = 0.0
         self._site_scale[0] = 0.0
         self._site_weights = site_rng.dirichlet(np.full(K, 6.0)) if K > 1 else np.ones(1)
+        if self.site_sizes == "zipf":
+            # consortium-like: a few large sites and a long tail of small ones (weight ~ 1 / rank)
+            self._site_weights = 1.0 / np.arange(1, K + 1)
+            self._site_weights /= self._site_weights.sum()
         self._site_age_beta = site_rng.uniform(0.8, 1.6, size=(K, 2))
 
         # Rows of the loadings have squared norm < 0.85, so every uniqueness is >= 0.15 and R stays

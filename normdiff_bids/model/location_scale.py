@@ -1,0 +1,298 @@
+"""The location-scale stage: per-IDP mean and spread on the covariates, with partially pooled sites.
+
+Each IDP ``j`` is modelled as ``y = m_j(x) + u_j[site] + s_j(x) exp(v_j[site] / 2) r``: a smooth function
+of the continuous covariates (cubic B-splines), fixed effects of the other categorical covariates (sex),
+and a random effect of the site on the location (``u ~ N(0, tau_j^2)``) and on the log-variance
+(``v ~ N(0, omega_j^2)``), as hierarchical normative models (HBR) do. The variance components are
+estimated by EM from every site at once, so a site of 3 people borrows strength from the others: its
+effects are shrunk toward the population in proportion to how little it says, and a site never seen
+gets the population (with its between-site spread when scored under the marginal). The residual ``r``
+has mean 0 and variance 1 at every covariate value; its shape and its dependence between IDPs are left
+to the diffusion model.
+
+Pure numpy: ``[R, D]`` arrays in, ``[R, D]`` arrays out; the state is exported to plain dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import special
+
+__all__ = ["LocationScaleConfig", "LocationScaleStage", "SITE_UNKNOWN"]
+
+#: Site index that means "not seen in training" (no random effect: the population).
+SITE_UNKNOWN = -1
+#: E[log chi^2_1] and Var[log chi^2_1]: the log of a squared standard-normal residual has this mean and
+#: variance, which makes log r^2 a regression target with a known noise level.
+_LOG_CHI2_MEAN = float(special.digamma(0.5) + np.log(2.0))
+_LOG_CHI2_VAR = float(np.pi**2 / 2)
+
+
+@dataclass(frozen=True)
+class LocationScaleConfig:
+    """Settings of :class:`LocationScaleStage` (saved in the model bundle).
+
+    n_knots, degree : B-spline basis of each continuous covariate (knots at quantiles of the training
+        values; linear beyond them).
+    ridge : penalty on the spline and fixed-effect coefficients (in units of the standardised IDP).
+    n_iter : outer iterations (location given spread, spread given location).
+    em_iter : EM iterations of the variance components inside each outer iteration.
+    """
+
+    n_knots: int = 5
+    degree: int = 3
+    ridge: float = 1.0
+    n_iter: int = 4
+    em_iter: int = 15
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LocationScaleStage:
+    """Per-IDP location and scale on the covariates, with partially pooled site effects.
+
+    >>> stage = LocationScaleStage().fit(cont, fixed, site, y)     # [R, c], [R, f] int, [R] int, [R, D]
+    >>> r = stage.standardise(cont, fixed, site, y)                  # residuals, ~ mean 0 / SD 1
+    >>> y2 = stage.destandardise(cont, fixed, site, r)
+
+    ``cont`` holds the continuous covariates (already standardised), ``fixed`` the integer codes of the
+    categorical covariates with fixed effects (e.g. sex), ``site`` the integer site codes (``-1``: a
+    site the stage has no effect for).
+    """
+
+    def __init__(self, config: LocationScaleConfig | None = None):
+        self.config = config or LocationScaleConfig()
+
+    # ------------------------------------------------------------------ design
+    def _spline_basis(self, cont: np.ndarray) -> np.ndarray:
+        blocks = []
+        for c, knots in enumerate(self.knots_):
+            blocks.append(_bspline(cont[:, c], knots, self.config.degree))
+        return np.concatenate(blocks, axis=1) if blocks else np.empty((len(cont), 0))
+
+    def _fixed_design(self, cont: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+        cols = [np.ones((len(cont), 1)), self._spline_basis(cont)]
+        for f, n_levels in enumerate(self.fixed_levels_):
+            codes = fixed[:, f]
+            cols.append((codes[:, None] == np.arange(1, n_levels)[None, :]).astype(np.float64))
+        return np.concatenate(cols, axis=1)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, cont: np.ndarray, fixed: np.ndarray, site: np.ndarray, y: np.ndarray,
+            n_sites: int | None = None) -> LocationScaleStage:
+        """Fit on complete rows: ``cont [R, c]``, ``fixed [R, f]`` codes, ``site [R]`` codes, ``y [R, D]``."""
+        cfg = self.config
+        cont = np.asarray(cont, dtype=np.float64).reshape(len(y), -1)
+        fixed = np.asarray(fixed, dtype=np.int64).reshape(len(y), -1)
+        site = np.asarray(site, dtype=np.int64).reshape(-1)
+        y = np.asarray(y, dtype=np.float64)
+        n, d = y.shape
+        self.n_sites_ = int(n_sites if n_sites is not None else (site.max() + 1 if len(site) else 0))
+        inner = max(2, cfg.n_knots)
+        self.knots_ = [np.quantile(cont[:, c], np.linspace(0, 1, inner)) for c in range(cont.shape[1])]
+        self.fixed_levels_ = [int(max(fixed[:, f].max() + 1, 2)) for f in range(fixed.shape[1])]
+        F = self._fixed_design(cont, fixed)
+        Z = _site_dummies(site, self.n_sites_)
+        self.n_site_rows_ = Z.sum(axis=0).astype(np.int64)
+        pen = np.full(F.shape[1], cfg.ridge)
+        pen[0] = 0.0
+
+        var = np.ones((n, d))
+        w_log = np.full((n, d), 1.0 / _LOG_CHI2_VAR)
+        logvar = None
+        for it in range(cfg.n_iter):
+            beta, u, tau2, u_var = _mixed_model(F, Z, y, 1.0 / var, pen, cfg.em_iter)
+            resid = y - F @ beta - Z @ u
+            if logvar is None:
+                # start from the regression of log r^2 (robust to any start), then Fisher scoring of the
+                # normal likelihood of the log-variance (a gamma GLM with log link): working response
+                # eta + (r^2 / var - 1), whose noise variance is 2 instead of log chi^2's 4.9
+                target = np.log(resid**2 + 1e-10) - _LOG_CHI2_MEAN
+                weights, scale = w_log, _LOG_CHI2_VAR
+            else:
+                target = logvar + (resid**2 / var - 1.0)
+                weights, scale = np.full((n, d), 0.5), 2.0
+            gamma, v, omega2, _ = _mixed_model(F, Z, target, weights, pen * scale, cfg.em_iter)
+            logvar = F @ gamma + Z @ v
+            var = np.exp(logvar)
+        # log r^2 is biased for non-normal residuals: put the residual variance at exactly 1
+        ratio = np.mean(resid**2 / var, axis=0)
+        gamma[0] += np.log(ratio)
+        self.beta_, self.u_, self.tau2_, self.u_var_ = beta, u, tau2, u_var
+        self.gamma_, self.v_, self.omega2_ = gamma, v, omega2
+        self.n_features_ = d
+        return self
+
+    # ------------------------------------------------------------------ apply
+    def location_scale(self, cont, fixed, site, marginal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(location [R, D], scale [R, D])`` at each row's covariates.
+
+        A row whose site code is ``-1`` gets the population (no site effect); with ``marginal=True`` its
+        scale also takes in the spread between sites (the distribution over a site drawn at random).
+        """
+        cont = np.asarray(cont, dtype=np.float64).reshape(len(site), -1)
+        fixed = np.asarray(fixed, dtype=np.int64).reshape(len(site), -1)
+        site = np.asarray(site, dtype=np.int64).reshape(-1)
+        F = self._fixed_design(cont, fixed)
+        Z = _site_dummies(site, self.n_sites_)
+        loc = F @ self.beta_ + Z @ self.u_
+        logvar = F @ self.gamma_ + Z @ self.v_
+        # a site's location is known only up to its posterior variance (large for a site of 3 people)
+        var = np.exp(logvar) + Z @ self.u_var_
+        if marginal:
+            unknown = (site < 0)[:, None]
+            var = np.where(unknown, var * np.exp(self.omega2_ / 2) + self.tau2_, var)
+        return loc, np.sqrt(var)
+
+    def standardise(self, cont, fixed, site, y, marginal: bool = False) -> np.ndarray:
+        loc, scale = self.location_scale(cont, fixed, site, marginal)
+        return (np.asarray(y, dtype=np.float64) - loc) / scale
+
+    def destandardise(self, cont, fixed, site, r, marginal: bool = False) -> np.ndarray:
+        """Inverse of :meth:`standardise`; ``r`` may be ``[R, D]`` or ``[R, S, D]``."""
+        loc, scale = self.location_scale(cont, fixed, site, marginal)
+        r = np.asarray(r, dtype=np.float64)
+        if r.ndim == 3:
+            return loc[:, None, :] + scale[:, None, :] * r
+        return loc + scale * r
+
+    # ------------------------------------------------------------------ new sites
+    def site_effects(self, cont, fixed, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Empirical-Bayes effects of ONE new site from its rows: location, its posterior variance and
+        log-variance, each ``[D]``.
+
+        The population part and the variance components stay as fitted, so this is the empirical-Bayes
+        estimate a new site gets from ``len(y)`` controls: a handful moves it little, many move it to the
+        site's own mean and spread.
+        """
+        cont = np.asarray(cont, dtype=np.float64).reshape(len(y), -1)
+        fixed = np.asarray(fixed, dtype=np.int64).reshape(len(y), -1)
+        F = self._fixed_design(cont, fixed)
+        y = np.asarray(y, dtype=np.float64)
+        base_var = np.exp(F @ self.gamma_)
+        resid = y - F @ self.beta_
+        tau2, omega2 = np.maximum(self.tau2_, 1e-12), np.maximum(self.omega2_, 1e-12)
+        v = np.zeros(y.shape[1])
+        for _ in range(20):
+            # posterior mode of (u, v): u given v in closed form, then a Fisher-scoring step in v of the
+            # normal likelihood of the log-variance with its N(0, omega2) prior
+            w = 1.0 / (base_var * np.exp(v))
+            precision = w.sum(axis=0) + 1.0 / tau2
+            u = (w * resid).sum(axis=0) / precision
+            r2 = (resid - u) ** 2 * w
+            step = (0.5 * (r2 - 1.0).sum(axis=0) - v / omega2) / (0.5 * len(y) + 1.0 / omega2)
+            v = v + np.clip(step, -1.0, 1.0)
+        return u, 1.0 / precision, v
+
+    def with_sites(self, effects: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> LocationScaleStage:
+        """A copy that knows ``len(effects)`` more sites (codes ``n_sites_``, ``n_sites_ + 1``, ...), each
+        given as :meth:`site_effects` returns it; the known sites are untouched."""
+        out = LocationScaleStage(self.config)
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if k != "config"})
+        u_new, u_var_new, v_new = (np.stack(part) for part in zip(*effects))
+        out.u_ = np.concatenate([self.u_, u_new])
+        out.u_var_ = np.concatenate([self.u_var_, u_var_new])
+        out.v_ = np.concatenate([self.v_, v_new])
+        out.n_site_rows_ = np.concatenate([self.n_site_rows_, np.zeros(len(effects), dtype=np.int64)])
+        out.n_sites_ = self.n_sites_ + len(effects)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "n_sites": self.n_sites_,
+                "knots": [k.tolist() for k in self.knots_], "fixed_levels": list(self.fixed_levels_),
+                "n_site_rows": self.n_site_rows_.tolist(),
+                **{name: getattr(self, f"{name}_").tolist()
+                   for name in ("beta", "u", "u_var", "tau2", "gamma", "v", "omega2")}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LocationScaleStage:
+        out = cls(LocationScaleConfig(**data["config"]))
+        out.n_sites_ = int(data["n_sites"])
+        out.knots_ = [np.asarray(k, dtype=np.float64) for k in data["knots"]]
+        out.fixed_levels_ = [int(n) for n in data["fixed_levels"]]
+        out.n_site_rows_ = np.asarray(data["n_site_rows"], dtype=np.int64)
+        for name in ("beta", "u", "u_var", "tau2", "gamma", "v", "omega2"):
+            setattr(out, f"{name}_", np.asarray(data[name], dtype=np.float64))
+        d = out.beta_.shape[1]
+        out.u_ = out.u_.reshape(out.n_sites_, d)
+        out.v_ = out.v_.reshape(out.n_sites_, d)
+        out.u_var_ = out.u_var_.reshape(out.n_sites_, d)
+        out.n_features_ = d
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+def _site_dummies(site: np.ndarray, n_sites: int) -> np.ndarray:
+    """``[R, K]`` indicators; a code of -1 (unknown) or beyond ``n_sites`` is a row of zeros."""
+    Z = np.zeros((len(site), n_sites))
+    known = (site >= 0) & (site < n_sites)
+    Z[np.flatnonzero(known), site[known]] = 1.0
+    return Z
+
+
+def _mixed_model(F, Z, y, w, pen, em_iter):
+    """Weighted linear mixed model per column: ``y_j = F beta_j + Z u_j + e``, ``e_i ~ N(0, 1 / w_ij)``,
+    ``u_j ~ N(0, tau2_j I)``, small ridge ``pen`` on ``beta``; ``tau2`` by EM.
+
+    Shapes: F [R, p], Z [R, K], y and w [R, D] -> beta [p, D], u [K, D], tau2 [D], and the posterior
+    variance of each site effect u_var [K, D].
+    """
+    n, p = F.shape
+    k = Z.shape[1]
+    d = y.shape[1]
+    X = np.concatenate([F, Z], axis=1)
+    tau2 = np.full(d, 0.1 * np.var(y, axis=0).clip(1e-6))
+    beta, u = np.zeros((p, d)), np.zeros((k, d))
+    u_var = np.zeros((k, d))
+    if k == 0:
+        em_iter = 1
+    for _ in range(em_iter):
+        for j in range(d):
+            Xw = X * w[:, j:j + 1]
+            A = Xw.T @ X
+            A[np.arange(p), np.arange(p)] += pen
+            A[np.arange(p, p + k), np.arange(p, p + k)] += 1.0 / tau2[j]
+            try:
+                chol = np.linalg.cholesky(A)
+            except np.linalg.LinAlgError:
+                A[np.arange(p + k), np.arange(p + k)] += 1e-8 * np.trace(A) / (p + k)
+                chol = np.linalg.cholesky(A)
+            theta = _chol_solve(chol, Xw.T @ y[:, j])
+            beta[:, j], u[:, j] = theta[:p], theta[p:]
+            if k:
+                inv = _chol_solve(chol, np.eye(p + k))[p:, p:]
+                u_var[:, j] = np.diag(inv)
+                tau2[j] = max((u[:, j] @ u[:, j] + np.trace(inv)) / k, 1e-8)
+    return beta, u, tau2, u_var
+
+
+def _chol_solve(chol, b):
+    from scipy.linalg import solve_triangular
+
+    return solve_triangular(chol.T, solve_triangular(chol, b, lower=True), lower=False)
+
+
+def _bspline(x: np.ndarray, knots: np.ndarray, degree: int) -> np.ndarray:
+    """Cubic B-spline basis on ``knots`` (boundary knots repeated), linear beyond the boundary; the first
+    basis function is dropped (the intercept carries it)."""
+    from scipy.interpolate import BSpline
+
+    lo, hi = float(knots[0]), float(knots[-1])
+    if hi <= lo:
+        return np.empty((len(x), 0))
+    t = np.concatenate([[lo] * degree, knots, [hi] * degree])
+    n_basis = len(t) - degree - 1
+    inside = np.clip(x, lo, hi)
+    basis = BSpline.design_matrix(inside, t, degree).toarray()
+    # linear extrapolation: value at the boundary plus the derivative times the distance beyond it
+    for edge, mask in ((lo, x < lo), (hi, x > hi)):
+        if mask.any():
+            deriv = np.stack([BSpline(t, np.eye(n_basis)[b], degree).derivative()(edge)
+                              for b in range(n_basis)])
+            basis[mask] += (x[mask] - edge)[:, None] * deriv[None, :]
+    return basis[:, 1:]
+
