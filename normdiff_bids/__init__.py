@@ -11,7 +11,7 @@ __all__ = ["NormativeDiffusion", "load_model", "__version__"]
 
 def __getattr__(name):
     if name in ("NormativeDiffusion", "load_model"):
-        from normdiff_bids.model import normative
+        from normdiff_bids.model import estimator as normative
 
         return getattr(normative, name)
     raise AttributeError(f"module 'normdiff_bids' has no attribute {name!r}")

@@ -87,3 +87,11 @@ def test_a_simulated_invocation_parses_to_what_it_says(tmp_path, descriptor):
     assert opts.reference_query == "diagnosis == 'HC'"
     assert (opts.backbone, opts.epochs, opts.n_samples, opts.seed, opts.device) == ("saint", 5, 200, 3, "cpu")
     assert opts.quiet and opts.overwrite_model
+
+
+def test_descriptor_backbone_choices_are_the_registry(descriptor):
+    # the descriptor is a static file: this is what keeps it in step with the backbone registry
+    from normdiff_bids.model.backbones import backbone_names
+
+    item = next(i for i in descriptor["inputs"] if i["id"] == "backbone")
+    assert item["value-choices"] == backbone_names()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_helpers import centile_errors
 
-from normdiff_bids.model.backbones import BACKBONES, FiLMMLP, FiLMMLPConfig, preset_config
+from normdiff_bids.model.backbones import BACKBONES, FiLMMLP, FiLMMLPConfig, get_spec, preset_config
 from normdiff_bids.model.saint import PAPER_EPOCHS, SAINT, SAINT_LR, SAINTConfig
 
 #: A small network for fast tests (the architecture is the same at every size).
@@ -164,11 +164,12 @@ def test_paper_preset_is_the_published_network():
     assert shape == (160, 5, 8, 4, 0.1)
     assert paper.intersample and paper.intersample_after == 4 and paper.intersample_p == 0.5
     assert paper.budgeted_epochs(5000, 20) == PAPER_EPOCHS == 600
-    assert paper.recommended_lr() == SAINT_LR == 3e-4
-    assert SAINTConfig.from_preset("paper", 10, 10) == paper
-    assert preset_config("saint", "paper") == paper
-    with pytest.raises(ValueError, match="unknown SAINT preset"):
-        SAINTConfig.from_preset("huge", 10, 10)
+    entry = get_spec("saint").preset("paper")
+    assert entry.config(10, 10) == paper and preset_config("saint", "paper") == paper
+    assert (entry.lr, entry.batch_size, entry.epochs(paper, 5000, 20, 8, 1024)) == (SAINT_LR, 1024, 600)
+    assert SAINT_LR == 3e-4
+    with pytest.raises(ValueError, match="unknown preset 'huge' for backbone 'saint'"):
+        preset_config("saint", "huge")
 
 
 def test_budgeted_preset_spends_a_fixed_compute_budget():
@@ -181,7 +182,9 @@ def test_budgeted_preset_spends_a_fixed_compute_budget():
     assert small.budgeted_epochs(4500, 20) > small.budgeted_epochs(9000, 20) >= 50
     assert large.budgeted_epochs(5400, 200) < small.budgeted_epochs(5400, 20)
     assert small.budgeted_epochs(100, 20) == 600
-    assert SAINTConfig.from_preset(None, 5000, 20) == small
+    default = get_spec("saint").preset("default")
+    assert default.config(5000, 20) == small and (default.lr, default.batch_size) == (SAINT_LR, 256)
+    assert default.epochs(small, 4500, 20, 8, 256) == small.budgeted_epochs(4500, 20, 8)
 
 
 def test_registry_resolves_saint_and_its_cost_is_measured_against_the_mlp():

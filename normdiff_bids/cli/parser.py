@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 from normdiff_bids._version import __version__
+from normdiff_bids.model.backbones import backbone_names
 
 #: Nipype execution plugins the BIDS-App accepts (HPC plugins take ``--plugin-args``).
 PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "PBS", "LSF")
-BACKBONES = ("film-mlp", "saint")
 DEFAULT_MODEL_NAME = "default"
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--overwrite-model", action="store_true",
                      help="group level: replace an existing, different model of the same name "
                           "(default: refuse, so a trained model is never lost)")
-    mod.add_argument("--backbone", choices=BACKBONES, default="film-mlp", help="denoising network")
+    mod.add_argument("--backbone", choices=backbone_names(), default="film-mlp", help="denoising network")
     mod.add_argument("--epochs", type=_positive_int, default=None,
                      help="training epochs; default: a budget chosen from N and D, with early stopping")
     mod.add_argument("--n-samples", type=_positive_int, default=None,

@@ -20,6 +20,7 @@ from nipype.interfaces.base import (
 from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.errors import InputError
 from normdiff_bids.interfaces.tables import read_table, write_table
+from normdiff_bids.model.backbones import backbone_names
 
 #: Columns of an IDP table that identify a row rather than describe it.
 ID_COLUMNS = ("participant_id", "session_id")
@@ -95,7 +96,7 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
     holdout_fraction = traits.Range(low=0.0, high=0.9, value=0.2, usedefault=True, exclude_low=True,
                                     desc="share of the reference held out (by participant, stratified by "
                                          "site and sex) to evaluate the model")
-    backbone = traits.Enum("film-mlp", "saint", usedefault=True, desc="denoising network")
+    backbone = traits.Enum(*backbone_names(), usedefault=True, desc="denoising network")
     epochs = traits.Int(desc="training epochs; default: a budget chosen from N and D with early stopping")
     n_samples = traits.Int(desc="model samples per row when scoring; default: the model's")
     seed = traits.Int(0, usedefault=True, desc="random seed (split, initialisation, batches, sampling)")

@@ -23,7 +23,8 @@ from scipy.stats import rankdata
 
 from normdiff_bids.scoring.centiles import CENTILE_FLOOR, centiles_to_z, empirical_centiles, tail_z
 
-__all__ = ["joint_deviation", "joint_reference", "ledoit_wolf_covariance", "mahalanobis", "normal_scores_loo"]
+__all__ = ["joint_deviation", "joint_reference", "joint_scores", "ledoit_wolf_covariance", "mahalanobis",
+           "normal_scores_loo"]
 
 #: Element budget per chunk of rows for [rows, S, D] work arrays.
 _CHUNK_ELEMENTS = 4_000_000
@@ -103,6 +104,18 @@ def joint_reference(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return chol, mahalanobis(z[:, 1::2], chol)
 
 
+def joint_scores(z_values: np.ndarray, chol: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Joint statistic and its centile of each row's normal scores ``z_values [R, D]`` against that row's
+    :func:`joint_reference` (``chol [R, D, D]``, ``ref [R, M]``): two ``[R]`` arrays, NaN where a
+    score is not finite."""
+    ok = np.all(np.isfinite(z_values), axis=1)
+    stat = np.full(z_values.shape[0], np.nan)
+    if ok.any():
+        stat[ok] = mahalanobis(z_values[ok][:, None, :], chol[ok])[:, 0]
+    c, _ = empirical_centiles(np.where(ok, stat, 0.0)[:, None], ref[:, :, None])
+    return stat, np.where(ok, c[:, 0], np.nan)
+
+
 def joint_deviation(values, samples, index=None) -> pd.DataFrame:
     """Joint deviation of each row's ``values [R, D]`` from its ``samples [R, S, D]``.
 
@@ -125,13 +138,6 @@ def joint_deviation(values, samples, index=None) -> pd.DataFrame:
         sl = slice(lo, lo + chunk)
         smp = samples[sl]
         z_value = centiles_to_z(empirical_centiles(values[sl], smp)[0])
-        chol, ref = joint_reference(smp)  # ref [r, S/2]
-        ok = np.all(np.isfinite(z_value), axis=1)
-        subj = np.full(z_value.shape[0], np.nan)
-        if ok.any():
-            subj[ok] = mahalanobis(z_value[ok][:, None, :], chol[ok])[:, 0]
-        c, _ = empirical_centiles(np.where(ok, subj, 0.0)[:, None], ref[:, :, None])
-        stat[sl] = subj
-        centile[sl] = np.where(ok, c[:, 0], np.nan)
+        stat[sl], centile[sl] = joint_scores(z_value, *joint_reference(smp))
     return pd.DataFrame({"joint_stat": stat, "joint_centile": centile, "joint_z": centiles_to_z(centile)},
                         index=index if index is not None else pd.RangeIndex(n_rows))
