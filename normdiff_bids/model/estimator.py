@@ -10,6 +10,7 @@ docstring documents every parameter, which is the estimator's user documentation
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -31,6 +32,8 @@ from normdiff_bids.model import params as P
 from normdiff_bids.model.backbones import backbone_names, get_spec
 from normdiff_bids.model.bundle import BundleError, load_bundle, save_bundle
 from normdiff_bids.model.covariates import CovariateEncoder, CovariateEncoderConfig, CovariateSchema
+from normdiff_bids.model.location_scale import LocationScaleConfig, LocationScaleStage
+from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals
 from normdiff_bids.model.preprocess import METHODS as PREPROCESSING_METHODS
 from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.model.presets import PRESETS
@@ -44,6 +47,7 @@ from normdiff_bids.model.sampling import (
 )
 from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser
 from normdiff_bids.scoring.centiles import centiles_to_z, empirical_centiles, sample_quantiles
+from normdiff_bids.scoring.conformal import CentileCalibration
 from normdiff_bids.scoring.joint import joint_scores
 
 __all__ = ["NormativeDiffusion", "load_model"]
@@ -72,6 +76,9 @@ PARAMETER_CONSTRAINTS = {
     "ema_decay": P.interval(0, 1, "None or in (0, 1)", none_ok=True),
     "covariate_grid": P.one_of(("auto", "off"), "choose 'auto' or 'off'"),
     "grid_step": P.interval(0, None, "None or a positive number", none_ok=True),
+    "location_scale": P.one_of(("pooled", "off"), "choose 'pooled' or 'off'"),
+    "calibration": P.one_of(("conformal", "off"), "choose 'conformal' or 'off'"),
+    "site_covariate": P.Constraint(lambda v: v is None or isinstance(v, str), "a covariate name or None"),
 }
 
 
@@ -155,7 +162,9 @@ class NormativeDiffusion:
                  preprocessing: str = "zscore", backbone_config: dict | None = None,
                  diffusion_config: dict | None = None, encoder_config: dict | None = None,
                  preset: str | None = None, ema_decay: float | None = None, patience: int | None = None,
-                 covariate_grid: str = "auto", grid_step: float | None = None, verbose: bool = True):
+                 covariate_grid: str = "auto", grid_step: float | None = None,
+                 location_scale: str = "pooled", calibration: str = "conformal",
+                 site_covariate: str | None = "site", verbose: bool = True):
         self.backbone = backbone
         self.covariates = covariates
         self.seed = seed
@@ -177,6 +186,9 @@ class NormativeDiffusion:
         self.patience = patience
         self.covariate_grid = covariate_grid
         self.grid_step = grid_step
+        self.location_scale = location_scale
+        self.calibration = calibration
+        self.site_covariate = site_covariate
         self.verbose = verbose
 
     # ------------------------------------------------------------------ sklearn conventions
@@ -277,17 +289,32 @@ class NormativeDiffusion:
         schema = CovariateSchema.from_table(kept, covariates)
         cont, cat = schema.encode(kept)
         scaler = IDPScaler(self.preprocessing).fit(values)
-        x = scaler.transform(values).astype(np.float32)
+        x = scaler.transform(values)
+        space = ModelSpace(schema, scaler, None, None)
+        stage = None
+        if self.location_scale == "pooled":
+            space = ModelSpace(schema, scaler, LocationScaleStage(), self.site_covariate)
+            inputs = space.stage_inputs(cont, cat)
+            n_sites = len(schema.categorical[space.site_index].levels) if space.site_index is not None else 0
+            stage = LocationScaleStage(LocationScaleConfig()).fit(*inputs, x, n_sites=n_sites)
+            space.stage = stage
+            x_model = stage.standardise(*inputs, x)
+        else:
+            x_model = x
 
         self.idps_ = list(idps)
         self.n_features_in_ = len(idps)
         self.covariate_schema_ = schema
         self.scaler_ = scaler
+        self.stage_ = stage
+        self.calibration_ = None
+        self.adaptations_ = []
         self.n_dropped_ = n_dropped
         device = self._torch_device()
-        self._build(schema, n_rows=len(x), device=device)
+        self._build(space.network_schema(), n_rows=len(x), device=device)
         try:
-            history, summary = train_denoiser(self.encoder_, self.network_, self._diffusion, x, cont, cat,
+            history, summary = train_denoiser(self.encoder_, self.network_, self._diffusion,
+                                              x_model.astype(np.float32), cont, space.network_cat(cat),
                                               device, self._training_settings())
         except BaseException:
             # an interrupted or failed fit must not leave a model that looks fitted
@@ -296,9 +323,87 @@ class NormativeDiffusion:
             raise
         self.history_ = history
         self.n_train_ = summary["n_train"]
+        if stage is not None and self.calibration == "conformal":
+            self.calibration_ = self._fit_calibration(space, x, cont, cat)
         summary.update(n_rows=len(table), n_dropped=n_dropped, seconds=round(time.perf_counter() - start, 2))
         self.training_summary_ = summary
         return self
+
+    def adapt(self, table: pd.DataFrame, refine: bool = False) -> NormativeDiffusion:
+        """A copy of the model that also knows the sites of ``table`` it has not seen, learnt from them.
+
+        ``table`` holds the new sites' reference controls (covariates and the model's IDPs). Only the
+        location-scale stage's effects of those sites are estimated, by the same empirical Bayes that
+        pooled the training sites, so a site with 5 controls is shrunk toward the population and one
+        with 50 gets close to its own mean and spread. The network, the known sites' effects and the
+        calibration layer are unchanged: every known site scores bit-identically. A site the model
+        knows is an error, unless ``refine=True`` re-estimates it from these rows alone.
+        """
+        self._check_fitted()
+        space = self._model_space()
+        if space.site_index is None:
+            raise ValueError("adapt needs a two-stage model with a site covariate (location_scale='pooled', "
+                             f"site_covariate in the covariates); this one has location_scale="
+                             f"{self.location_scale!r}, site_covariate={self.site_covariate!r}")
+        problems = ProblemCollector()
+        missing_cov = [c for c in self.covariates if c not in table.columns]
+        missing_idps = [c for c in self.idps_ if c not in table.columns]
+        if missing_cov:
+            problems.add(f"covariate columns missing: {missing_cov}")
+        if missing_idps:
+            problems.add(f"{len(missing_idps)} of the model's IDP columns missing: {missing_idps[:10]}")
+        problems.raise_if_any(header="the adaptation table does not match the model")
+        values = _idp_matrix(table, self.idps_, "adaptation")
+        site_name = self.site_covariate
+        site_cov = self.covariate_schema_.categorical[space.site_index]
+        labels = table[site_name].map(lambda v: None if pd.isna(v) else str(v).strip())
+        usable = np.isfinite(values).all(axis=1) & _present(table[site_name]).to_numpy()
+        for name in self.covariates:
+            usable &= _present(table[name]).to_numpy()
+        counts = labels[usable].value_counts().to_dict()
+        known = sorted(s for s in counts if s in site_cov.levels)
+        if known and not refine:
+            raise InputError(f"the model already knows {site_name} {known}; adapt learns new {site_name}s "
+                             f"only: drop those rows, or pass refine=True to re-estimate them from these rows")
+        few = {s: int(n) for s, n in labels.value_counts().items() if counts.get(s, 0) < 2}
+        few.update({s: int(n) for s, n in counts.items() if n < 2})
+        if few or not counts:
+            raise InputError(f"each new {site_name} needs at least 2 controls with every covariate and IDP; "
+                             f"usable controls: {({s: int(counts.get(s, 0)) for s in few}) or 'none'}")
+        new_levels = sorted(s for s in counts if s not in site_cov.levels)
+        schema = CovariateSchema.from_dict(self.covariate_schema_.to_dict())
+        schema.categorical[space.site_index].levels = list(site_cov.levels) + new_levels
+        cont, cat = schema.encode(table.loc[usable])
+        x = self.scaler_.transform(values[usable])
+        adapted_space = ModelSpace(schema, self.scaler_, self.stage_, site_name)
+        inputs = adapted_space.stage_inputs(cont, cat)
+        sites = labels[usable].to_numpy()
+        effects = {s: self.stage_.site_effects(inputs[0][sites == s], inputs[1][sites == s], x[sites == s])
+                   for s in counts}
+        stage = self.stage_.with_sites([effects[s] for s in new_levels]) if new_levels else \
+            LocationScaleStage.from_dict(self.stage_.to_dict())
+        for s in known:
+            k = site_cov.levels.index(s)
+            stage.u_[k], stage.u_var_[k], stage.v_[k] = effects[s]
+        out = copy.copy(self)
+        out.covariate_schema_ = schema
+        out.stage_ = stage
+        out.adaptations_ = [*self.adaptations_, {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "sites": {s: int(counts[s]) for s in sorted(counts)}, "refined": known}]
+        return out
+
+    def _model_space(self) -> ModelSpace:
+        return ModelSpace(self.covariate_schema_, self.scaler_, self.stage_, self.site_covariate)
+
+    def _fit_calibration(self, space: ModelSpace, x, cont, cat) -> CentileCalibration:
+        """The calibration layer, from every reference control's out-of-fold residuals (cross-fitting
+        the location-scale stage, which carries what a small sample gets wrong; the network is shared)."""
+        inputs = space.stage_inputs(cont, cat)
+        residuals = crossfit_residuals(self.stage_, *inputs, x, seed=int(self.seed))
+        missing = np.zeros(len(x), dtype=bool)
+        arrays = self._score_model_space(residuals, cont, cat, missing, with_joint=True)
+        return CentileCalibration.fit(arrays["centiles"], inputs[2], arrays["joint_centile"])
 
     def _select_idps(self, table, idps, covariates) -> list[str]:
         problems = ProblemCollector()
@@ -394,11 +499,16 @@ class NormativeDiffusion:
     def _drawer(self) -> Drawer:
         return Drawer(self.encoder_, self.network_, self._diffusion, seed=int(self.seed),
                       sampler=self._sampler(), steps=self._steps(), n_features=self.n_features_in_,
-                      weights_token=self._weights_token(), verbose=self.verbose)
+                      weights_token=self._weights_token(), verbose=self.verbose,
+                      standardise=self.stage_ is not None)
 
     def _scored_points(self, cont, cat, missing, with_joint: bool):
-        return scored_points(self._drawer(), self._grid(), cont, cat, missing, int(self.n_samples),
-                             with_joint)
+        """As :func:`~normdiff_bids.model.sampling.scored_points`, on the covariates the network sees."""
+        return scored_points(self._drawer(), self._grid(), cont, self._model_space().network_cat(cat),
+                             missing, int(self.n_samples), with_joint)
+
+    def _calibrated(self) -> CentileCalibration | None:
+        return self.calibration_ if self.calibration == "conformal" else None
 
     def curve_ages(self, low: float, high: float, n_points: int = 15) -> np.ndarray:
         """About ``n_points`` ages from ``low`` to ``high`` for centile curves over age.
@@ -445,10 +555,13 @@ class NormativeDiffusion:
         rows = np.flatnonzero(~missing)
         out = np.full((len(covariates), n_samples, self.n_features_in_), np.nan)
         if len(rows):
-            points_cont, points_cat, lo, _, _ = plan_points(cont, cat, rows, grid=None)
+            space = self._model_space()
+            # the network's covariates only: rows of different sites share the draws of their point
+            points_cont, points_cat, lo, _, _ = plan_points(cont, space.network_cat(cat), rows, grid=None)
             for first, samples in self._drawer().draw(points_cont, points_cat, n_samples, desc="sampling"):
                 sel = (lo >= first) & (lo < first + len(samples))
-                out[rows[sel]] = self.scaler_.inverse_transform(samples[lo[sel] - first].astype(np.float64))
+                target = rows[sel]
+                out[target] = space.from_model(samples[lo[sel] - first], cont[target], cat[target])
         return out
 
     def predict_quantiles(self, covariates: pd.DataFrame, q: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -461,9 +574,16 @@ class NormativeDiffusion:
         q = np.atleast_1d(np.asarray(q, dtype=np.float64))
         out = np.full((len(covariates), len(q), self.n_features_in_), np.nan)
         cont, cat, missing, _ = self._encode(covariates)
+        space, layer = self._model_space(), self._calibrated()
+        sites = space.site_codes(cat)
         with small_blas():
             for rows, srt, _ in self._scored_points(cont, cat, missing, with_joint=False):
-                out[rows] = self.scaler_.inverse_transform(sample_quantiles(srt, q))
+                for code in np.unique(sites[rows]):
+                    sub = sites[rows] == code
+                    q_model = q if layer is None else layer.inverse(q[None, :], np.array([code]))[0]
+                    target = rows[sub]
+                    model_q = sample_quantiles(srt[sub], q_model)          # [r, Q, D]
+                    out[target] = space.from_model(model_q, cont[target], cat[target])
         columns = pd.MultiIndex.from_product([self.idps_, q.tolist()], names=["idp", "q"])
         return pd.DataFrame(out.transpose(0, 2, 1).reshape(len(covariates), -1), index=covariates.index,
                             columns=columns)
@@ -471,12 +591,23 @@ class NormativeDiffusion:
     def _score_arrays(self, table: pd.DataFrame, with_joint: bool = True) -> dict:
         self._check_fitted()
         values = self._values(table)
-        z_values = self.scaler_.transform(values)
-        n, d = values.shape
+        cont, cat, missing, extrapolated = self._encode(table)
+        space = self._model_space()
+        z_values = space.to_model(values, cont, cat)
+        out = self._score_model_space(z_values, cont, cat, missing, with_joint)
+        layer = self._calibrated()
+        if layer is not None:
+            out["centiles"] = layer.transform(out["centiles"], space.site_codes(cat))
+            out["joint_centile"] = layer.transform_joint(out["joint_centile"])
+        out.update(values=values, extrapolated=extrapolated, missing_covariates=missing)
+        return out
+
+    def _score_model_space(self, z_values, cont, cat, missing, with_joint: bool) -> dict:
+        """Uncalibrated centiles, tail flags and joint scores of model-space values ``[R, D]``."""
+        n, d = z_values.shape
         centiles = np.full((n, d), np.nan)
         tail = np.zeros((n, d), dtype=np.int8)
         joint = np.full((n, 2), np.nan)
-        cont, cat, missing, extrapolated = self._encode(table)
         with small_blas():
             for rows, srt, refs in self._scored_points(cont, cat, missing, with_joint):
                 c, t = empirical_centiles(z_values[rows], srt)
@@ -486,8 +617,7 @@ class NormativeDiffusion:
                     for row, z_row, (chol, ref) in zip(rows, z, refs):
                         stat, centile = joint_scores(z_row[None], chol[None], ref[None])
                         joint[row] = stat[0], centile[0]
-        return {"values": values, "centiles": centiles, "tail": tail, "joint_stat": joint[:, 0],
-                "joint_centile": joint[:, 1], "extrapolated": extrapolated, "missing_covariates": missing}
+        return {"centiles": centiles, "tail": tail, "joint_stat": joint[:, 0], "joint_centile": joint[:, 1]}
 
     def predict_centiles(self, table: pd.DataFrame) -> pd.DataFrame:
         """Centile of each IDP value at the row's covariates: ``[rows, D]`` strictly inside (0, 1).
@@ -556,6 +686,14 @@ class NormativeDiffusion:
                 *({"name": c.name, "kind": "categorical", "levels": list(c.levels),
                    "unknown_level_trained": c.marginal} for c in schema.categorical)],
             "unknown_site": self.unknown_site,
+            "location_scale": (None if self.stage_ is None else {
+                "site_covariate": self.site_covariate if self._model_space().site_index is not None else None,
+                "site_effects": "partially pooled (empirical-Bayes random effects in location and spread)",
+                "network_covariates": self._model_space().network_schema().names}),
+            "calibration": (None if self.calibration_ is None else {
+                "method": "split-conformal maps from cross-fitted reference controls",
+                "applied": self.calibration == "conformal", **self.calibration_.summary()}),
+            "adaptations": list(self.adaptations_),
             "n_train": int(self.n_train_),
             "training_summary": json_ready(self.training_summary_),
             "seed": int(self.seed),
@@ -582,6 +720,9 @@ class NormativeDiffusion:
             "n_dropped": int(self.n_dropped_),
             "history": {c: self.history_[c].tolist() for c in self.history_.columns},
             "created": self.created_,
+            "location_scale": None if self.stage_ is None else self.stage_.to_dict(),
+            "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
+            "adaptations": list(self.adaptations_),
             "model_card": self.model_card(),
         }
         return save_bundle(path, tensors, meta, overwrite=overwrite)
@@ -621,7 +762,11 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
         model.n_dropped_ = int(meta.get("n_dropped", 0))
         model.history_ = pd.DataFrame(meta["history"]).astype({"val_loss": float})
         model.created_ = meta.get("created")
-        encoder = CovariateEncoder(model.covariate_schema_, model.encoder_config_)
+        stage, layer = meta.get("location_scale"), meta.get("calibration")
+        model.stage_ = None if stage is None else LocationScaleStage.from_dict(stage)
+        model.calibration_ = None if layer is None else CentileCalibration.from_dict(layer)
+        model.adaptations_ = list(meta.get("adaptations", []))
+        encoder = CovariateEncoder(model._model_space().network_schema(), model.encoder_config_)
         network = spec.module(model.n_features_in_, encoder.cond_dim, model.backbone_config_)
         encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
         network.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("network.")})

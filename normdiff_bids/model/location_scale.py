@@ -28,6 +28,9 @@ SITE_UNKNOWN = -1
 #: variance, which makes log r^2 a regression target with a known noise level.
 _LOG_CHI2_MEAN = float(special.digamma(0.5) + np.log(2.0))
 _LOG_CHI2_VAR = float(np.pi**2 / 2)
+#: Smallest prior variance of a new site's location effect (as a share of the residual variance) and of
+#: its log-variance effect, in :meth:`LocationScaleStage.site_effects`.
+NEW_SITE_PRIOR = (0.25, 0.09)
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,11 @@ class LocationScaleStage:
         y = np.asarray(y, dtype=np.float64)
         base_var = np.exp(F @ self.gamma_)
         resid = y - F @ self.beta_
-        tau2, omega2 = np.maximum(self.tau2_, 1e-12), np.maximum(self.omega2_, 1e-12)
+        # A new scanner may differ from the training sites more than they differ from each other, so
+        # its prior is never narrower than a quarter of the IDP's residual variance (and a log-variance
+        # SD of 0.3): 5 controls move it about halfway, 40 nearly all the way.
+        tau2 = np.maximum(self.tau2_, NEW_SITE_PRIOR[0] * np.median(base_var, axis=0))
+        omega2 = np.maximum(self.omega2_, NEW_SITE_PRIOR[1])
         v = np.zeros(y.shape[1])
         for _ in range(20):
             # posterior mode of (u, v): u given v in closed form, then a Fisher-scoring step in v of the

@@ -123,6 +123,9 @@ class Drawer:
     """Draws from a fitted encoder + network at covariate points, in model space.
 
     ``weights_token`` identifies the weights (the cache key of their draws); ``n_features`` is D.
+    ``standardise``: each point's draws are centred and scaled to SD 1 per IDP (the two-stage model,
+    whose location-scale stage owns the first two moments, so the network supplies only the shape and
+    the dependence; the error of a network's spread at small N does not reach the centiles).
     """
 
     encoder: nn.Module
@@ -134,6 +137,7 @@ class Drawer:
     n_features: int
     weights_token: str
     verbose: bool = False
+    standardise: bool = False
 
     def draw(self, points_cont, points_cat, n_samples, desc) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first point, samples [p, S, D] float32 in model space)`` for consecutive points.
@@ -151,7 +155,8 @@ class Drawer:
         rows_per_call = min(ROWS_PER_CALL, NOISE_BYTES_PER_CALL // (4 * n_draws * d))
         per_call = max(1, rows_per_call // n_samples)
         n_points = len(points_cont)
-        settings = (self.weights_token, int(self.seed), n_samples, sampler, steps, str(device))
+        settings = (self.weights_token, int(self.seed), n_samples, sampler, steps, str(device),
+                    self.standardise)
         keys = [settings + (np.ascontiguousarray(points_cont[i], dtype=np.float32).tobytes(),
                             np.ascontiguousarray(points_cat[i], dtype=np.int64).tobytes())
                 for i in range(n_points)]
@@ -182,6 +187,10 @@ class Drawer:
                     if not np.isfinite(drawn).all():
                         raise RuntimeError("the model produced non-finite samples; the fit diverged or the "
                                            "sampler is unstable for this diffusion setting")
+                    if self.standardise:
+                        sd = drawn.std(axis=1, keepdims=True, dtype=np.float64)
+                        drawn = ((drawn - drawn.mean(axis=1, keepdims=True, dtype=np.float64))
+                                 / np.maximum(sd, 1e-12)).astype(np.float32)
                     for j, smp in zip(todo, drawn):
                         out[j] = smp
                         _POINT_CACHE.put(keys[idx[j]], smp)

@@ -27,7 +27,7 @@ from normdiff_bids.scoring.centiles import CENTILE_FLOOR
 __all__ = ["CentileCalibration", "ProbitMap", "MIN_SITE_CONTROLS"]
 
 #: Held-out controls a site needs for a map of its own (fewer: the pooled map serves it).
-MIN_SITE_CONTROLS = 20
+MIN_SITE_CONTROLS = 50
 #: Held-out values per knot of a map, and the knot count's bounds.
 VALUES_PER_KNOT = 25
 MAX_KNOTS = 99
