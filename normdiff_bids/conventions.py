@@ -1,11 +1,15 @@
 """Naming conventions declared once: id columns, sex spellings, BIDS labels, short previews in messages.
 
-Plain Python (no pandas, no torch) so that every layer (data, model, outputs, cli) may import it.
+Plain Python (no numpy, pandas or torch) so that every layer (data, model, outputs, cli) may import it.
 """
 
 from __future__ import annotations
 
-__all__ = ["ID_COLUMNS", "ROW_ID_COLUMNS", "NON_IDP_COLUMNS", "SEX_ALIASES", "preview"]
+import re
+
+from normdiff_bids.errors import InputError
+
+__all__ = ["ID_COLUMNS", "NON_IDP_COLUMNS", "ROW_ID_COLUMNS", "SEX_ALIASES", "clean_label", "preview"]
 
 #: Columns that identify a subject/session row of an IDP or covariate table.
 ID_COLUMNS: tuple[str, ...] = ("participant_id", "session_id")
@@ -26,3 +30,23 @@ def preview(items, n: int = 8) -> str:
         return "none"
     shown = ", ".join(map(str, items[:n]))
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+_LABEL = re.compile(r"^[0-9A-Za-z]+$")
+
+
+def clean_label(value: object, entity: str = "sub") -> str:
+    """Return the bare label of a BIDS entity value, accepting ``"01"`` or ``"sub-01"`` for ``sub``.
+
+    Raises :class:`InputError` for anything that is not a BIDS label (letters and digits only), so a
+    path-like value such as ``"../x"`` can never leave the output folder.
+    """
+    text = str(value).strip() if value is not None else ""
+    prefix = f"{entity}-"
+    if text.startswith(prefix):
+        text = text[len(prefix):]
+    if not _LABEL.match(text):
+        raise InputError(
+            f"{entity} label {str(value)!r} is not a valid BIDS label; labels hold letters and digits only "
+            f"(for example '{entity}-01' or '01'), without '-', '_', '/', '.' or spaces")
+    return text

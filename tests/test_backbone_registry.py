@@ -75,6 +75,7 @@ def test_registration_checks_its_entry():
     with pytest.raises(TypeError, match="ConfigDict"):
         register_backbone("bad", ToyMLP, dict)
     with pytest.raises(ValueError, match="'default' preset"):
-        register_backbone("bad", ToyMLP, ToyConfig, presets={"paper": BackbonePreset(lambda n, d: ToyConfig())})
+        register_backbone("bad", ToyMLP, ToyConfig,
+                          presets={"paper": BackbonePreset(lambda n, d: ToyConfig())})
     with pytest.raises(ValueError, match="built in"):
         unregister_backbone("film-mlp")

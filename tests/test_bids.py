@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from normdiff_bids.conventions import clean_label
 from normdiff_bids.data.bids import (
     CovariateColumns,
     bids_subjects_sessions,
-    clean_label,
     find_freesurfer_dir,
     list_freesurfer_subjects,
     match_freesurfer_subject,
@@ -40,7 +40,7 @@ def test_clean_label_accepts_labels_with_or_without_prefix(value, expected):
 
 @pytest.mark.parametrize("value", ["../x", "sub-01/anat", "a b", "sub-", "01_ses-1", ""])
 def test_clean_label_rejects_paths_and_punctuation(value):
-    with pytest.raises(InputError, match="not a BIDS label"):
+    with pytest.raises(InputError, match="not a valid BIDS label"):
         clean_label(value)
 
 

@@ -155,7 +155,7 @@ def test_freesurfer_folder_matching_no_bids_subject(copy, tmp_path):
 def test_labels_are_checked(dataset):
     with pytest.raises(InputError) as err:
         collect_idps(dataset, participant_label=["../x", "sub-01/anat"])
-    assert len(err.value.problems) == 2 and "not a BIDS label" in str(err.value)
+    assert len(err.value.problems) == 2 and "not a valid BIDS label" in str(err.value)
     with pytest.raises(InputError, match="participant label '042': no sub-042") as err:
         collect_idps(dataset, participant_label=["042"])
     assert len(err.value.problems) == 1, "an unknown label is one problem, not a cascade"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normdiff_bids.cli.parser import build_parser
+from normdiff_bids.conventions import preview
 from normdiff_bids.errors import InputError, NormdiffError, OutputError, ProblemCollector
 
 #: Error classes whose message is written for the user; a node crash carrying one of them is shown as it.
@@ -215,13 +216,13 @@ def _collect(plan: Plan, idp_set):
         if unknown:
             raise InputError(f"participant(s) {', '.join('sub-' + p for p in unknown)} not found in "
                              f"{plan.bids_dir} (or without FreeSurfer outputs); the dataset has "
-                             f"{_preview(sorted(found))}")
+                             f"{preview(sorted(found))}")
     if plan.session_label and "session_id" in table.columns:
         found = {str(s).removeprefix("ses-") for s in table["session_id"].dropna()}
         unknown = [s for s in plan.session_label if s not in found]
         if unknown:
             raise InputError(f"session(s) {', '.join('ses-' + s for s in unknown)} not found for the "
-                             f"selected participants; sessions present: {_preview(sorted(found))}")
+                             f"selected participants; sessions present: {preview(sorted(found))}")
     if table.empty:
         raise InputError(f"no participant with FreeSurfer outputs was found in {plan.bids_dir}")
     return table
@@ -320,14 +321,6 @@ def subject_rows(table, plan: Plan) -> list[dict]:
         rows.append({"participant_id": participant, "session_id": session,
                      "fs_subject_dir": str(found.path) if found is not None else None})
     return rows
-
-
-def _preview(items, n: int = 8) -> str:
-    items = list(items)
-    if not items:
-        return "none"
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _uses_gpu(device: str) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from normdiff_bids.conventions import SEX_ALIASES
 from normdiff_bids.errors import InputError, ProblemCollector
 
 #: Where FreeSurfer outputs are looked for, relative to the BIDS root, after an explicit ``--fs-dir``.
@@ -26,18 +27,6 @@ FREESURFER_LOCATIONS: tuple[str, ...] = (
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _FS_SUBJECT_RE = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?$")
 _FS_LONG_RE = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?\.long\.(?P<base>.+)$")
-_SEX_SPELLINGS = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
-
-
-def clean_label(value: object, entity: str = "sub") -> str:
-    """``"sub-01"`` or ``"01"`` -> ``"01"``; anything that is not a plain BIDS label raises InputError."""
-    text = str(value).strip()
-    if text.startswith(f"{entity}-"):
-        text = text[len(entity) + 1:]
-    if not _LABEL_RE.match(text):
-        raise InputError(f"{entity} label {value!r} is not a BIDS label: use letters and digits only "
-                         f"(e.g. '01' or '{entity}-01'), no paths, dashes or spaces")
-    return text
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -193,7 +182,7 @@ def _numeric(values: pd.Series, path: Path, column: str, lines, problems: Proble
 def _normalise_sex(value):
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return np.nan
-    return _SEX_SPELLINGS.get(str(value).strip().lower(), str(value).strip())
+    return SEX_ALIASES.get(str(value).strip().lower(), str(value).strip())
 
 
 def _read_sessions(bids_dir: Path, subjects: dict[str, list[str]], age_column: str,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from normdiff_bids.conventions import clean_label, preview
 from normdiff_bids.data.atlases import (
     ASEG_LABELS,
     BA_EXVIVO_REGIONS,
@@ -28,7 +29,6 @@ from normdiff_bids.data.bids import (
     CovariateColumns,
     _check_bids_dir,
     bids_subjects_sessions,
-    clean_label,
     find_freesurfer_dir,
     list_freesurfer_subjects,
     match_freesurfer_subject,
@@ -190,7 +190,7 @@ def collect_idps(bids_dir: str | Path, fs_dir: str | Path | None = None,
         unknown = [s for s in subjects_sel if f"sub-{s}" not in subjects]
         for s in unknown:
             problems.add(f"participant label {s!r}: no sub-{s} in {bids_dir} (participants are "
-                         f"{_preview(subjects)})")
+                         f"{preview(subjects, n=6)})")
         subjects = {k: v for k, v in subjects.items() if k.removeprefix("sub-") in subjects_sel}
         if not subjects:
             problems.raise_if_any(header="the participant selection matches no participant")
@@ -200,7 +200,7 @@ def collect_idps(bids_dir: str | Path, fs_dir: str | Path | None = None,
         for s in sessions_sel:
             if f"ses-{s}" not in all_sessions:
                 problems.add(f"session label {s!r}: no ses-{s} for the selected participants (sessions are "
-                             f"{_preview(sorted(all_sessions))})")
+                             f"{preview(sorted(all_sessions), n=6)})")
 
     covariates = read_covariates(bids_dir, subjects, columns, problems)
     participants = covariates.participants.set_index("participant_id", drop=False)
@@ -229,8 +229,8 @@ def collect_idps(bids_dir: str | Path, fs_dir: str | Path | None = None,
     if index and not any(match_freesurfer_subject(folders, sub, ses, len(subjects[sub]), longitudinal)
                          for sub, ses in rows):
         problems.add(f"FreeSurfer folder {fs_root} has no subject matching the BIDS subjects: it holds "
-                     f"{_preview(sorted(p.path.name for p in index.values()))}, the dataset has "
-                     f"{_preview(list(subjects))}; check --fs-dir")
+                     f"{preview(sorted(p.path.name for p in index.values()), n=6)}, the dataset has "
+                     f"{preview(list(subjects), n=6)}; check --fs-dir")
     elif not index:
         kind = "longitudinal (<tp>.long.<base>)" if longitudinal else "sub-<label>[_ses-<label>]"
         problems.add(f"FreeSurfer folder {fs_root} holds no {kind} subject folders; check --fs-dir")
@@ -329,9 +329,3 @@ def _missing_per_row(table: pd.DataFrame, names: list[str]) -> dict[str, list[st
                                           isinstance(row["session_id"], str) else "")
         out[row_id] = [n for n, missing in zip(names, isna[i]) if missing]
     return out
-
-
-def _preview(items, n: int = 6) -> str:
-    items = list(items)
-    shown = ", ".join(map(str, items[:n]))
-    return (shown + (f" and {len(items) - n} more" if len(items) > n else "")) or "none"

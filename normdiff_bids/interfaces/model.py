@@ -18,12 +18,11 @@ from nipype.interfaces.base import (
 )
 
 from normdiff_bids.atomic import atomic_write_text
+from normdiff_bids.conventions import ID_COLUMNS
 from normdiff_bids.errors import InputError
 from normdiff_bids.interfaces.tables import read_table, write_table
 from normdiff_bids.model.backbones import backbone_names
 
-#: Columns of an IDP table that identify a row rather than describe it.
-ID_COLUMNS = ("participant_id", "session_id")
 #: Fewest reference rows a model is trained on (below this the held-out evaluation is meaningless).
 MIN_REFERENCE_ROWS = 10
 

@@ -6,21 +6,13 @@ import os
 
 import pandas as pd
 
-from normdiff_bids.atomic import atomic_path
+from normdiff_bids.bidsio import write_tsv
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> str:
-    """Write ``table`` tab-separated with ``n/a`` for missing values; return the path.
-
-    Read it back with :func:`read_table` (which restores label columns as text and flags as booleans).
-    """
-    out = table.copy()
-    for col in out.columns:
-        if pd.api.types.is_bool_dtype(out[col]):
-            out[col] = out[col].map({True: "true", False: "false"}, na_action="ignore").astype("object")
-    with atomic_path(path) as tmp:
-        out.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n", float_format="%.17g")
-    return os.fspath(path)
+    """Write ``table`` tab-separated with ``n/a`` for missing values (:func:`normdiff_bids.bidsio.write_tsv`);
+    return the path. Read it back with :func:`read_table` (label columns as text, flags as booleans)."""
+    return os.fspath(write_tsv(table, path))
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:

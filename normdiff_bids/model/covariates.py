@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from normdiff_bids.conventions import SEX_ALIASES
 from normdiff_bids.errors import InputError, ProblemCollector
 
 #: Covariates that are categorical whatever their dtype (sex is often coded 0/1, sites as integers).
@@ -25,7 +26,6 @@ CATEGORICAL_NAMES = ("sex", "site")
 #: as the marginal over levels.
 MARGINAL_NAMES = ("site",)
 _MISSING_STRINGS = {"", "n/a", "na", "nan", "none", "null"}
-_SEX_ALIASES = {"f": "F", "female": "F", "m": "M", "male": "M"}
 #: Index of the ``unknown`` level in every categorical embedding.
 UNKNOWN_INDEX = 0
 
@@ -45,7 +45,7 @@ def _level_string(value, name: str) -> str | None:
     if text.lower() in _MISSING_STRINGS:
         return None
     if name == "sex":
-        text = _SEX_ALIASES.get(text.lower(), text)
+        text = SEX_ALIASES.get(text.lower(), text)
     return text
 
 

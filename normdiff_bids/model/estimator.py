@@ -26,7 +26,7 @@ import torch
 
 from normdiff_bids._version import __version__
 from normdiff_bids.bidsio import json_ready
-from normdiff_bids.conventions import ID_COLUMNS
+from normdiff_bids.conventions import NON_IDP_COLUMNS
 from normdiff_bids.errors import InputError, ProblemCollector
 from normdiff_bids.model import params as P
 from normdiff_bids.model.backbones import backbone_names, get_spec
@@ -412,7 +412,7 @@ class NormativeDiffusion:
             problems.add(f"covariate columns missing from the table: {missing_cov}")
         if idps is None:
             idps = [c for c in table.columns
-                    if c not in covariates and str(c) not in ID_COLUMNS
+                    if c not in covariates and str(c) not in NON_IDP_COLUMNS
                     and pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])]
             if not idps:
                 problems.add(f"no numeric IDP columns besides the covariates {covariates}; the table has "

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from normdiff_bids.conventions import clean_label
 from normdiff_bids.errors import InputError
 
 #: Entities this package writes, in the order of the BIDS entity table (``sub`` first, ``desc`` last).
@@ -37,23 +38,6 @@ PHENOTYPE_DIR = "phenotype"
 GROUP_TABLE_NAME = "normdiff_deviations"
 GROUP_REPORT_NAME = "group.html"
 MODELS_DIR = "models"
-
-
-def clean_label(value: object, entity: str = "sub") -> str:
-    """Return the bare label of a BIDS entity value, accepting ``"01"`` or ``"sub-01"`` for ``sub``.
-
-    Raises :class:`InputError` for anything that is not a BIDS label (letters and digits only), so a
-    path-like value such as ``"../x"`` can never leave the output folder.
-    """
-    text = str(value).strip() if value is not None else ""
-    prefix = f"{entity}-"
-    if text.startswith(prefix):
-        text = text[len(prefix):]
-    if not _LABEL.match(text):
-        raise InputError(
-            f"{entity} label {str(value)!r} is not a valid BIDS label; labels hold letters and digits only "
-            f"(for example '{entity}-01' or '01'), without '-', '_', '/', '.' or spaces")
-    return text
 
 
 def _ordered_entities(entities: Mapping[str, object]) -> list[tuple[str, str]]:

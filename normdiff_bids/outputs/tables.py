@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 
 from normdiff_bids.atomic import atomic_path, atomic_write_text
+from normdiff_bids.conventions import ROW_ID_COLUMNS
 from normdiff_bids.outputs import names
 from normdiff_bids.outputs.dataset import output_lock
 from normdiff_bids.outputs.regions import describe_idp
 
 #: Identifier columns, in the order they lead every table (``row`` when the input had no ids).
-ID_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "row")
+ID_COLUMNS: tuple[str, ...] = ROW_ID_COLUMNS
 #: Per-subject score columns of the wide table, in order.
 SUBJECT_SCORE_COLUMNS: tuple[str, ...] = ("joint_stat", "joint_centile", "joint_z", "extrapolated")
 #: Per-IDP score fields of the wide table, in order (``<idp>_<field>``).
