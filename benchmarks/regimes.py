@@ -183,7 +183,8 @@ def format_table(results: list[tuple[Dataset, list[tuple[str, dict]], float]]) -
             cells = []
             for col in COLUMNS:
                 value = row.get(col)
-                cells.append("" if value is None else (f"{value:.0f}" if col.endswith(" s") else f"{value:.4f}"))
+                text = f"{value:.0f}" if col.endswith(" s") else f"{value:.4f}"
+                cells.append("" if value is None else text)
             lines.append(f"| {data.name} | {name} | " + " | ".join(cells) + " |")
         if data.truth is not None:
             lines.append(f"| {data.name} | (Monte Carlo floor of |c-truth|) | {floor:.4f} |"
@@ -233,7 +234,8 @@ def main(argv=None) -> int:
             if method in methods:
                 rows.append(run_peer(method, data, pcn_args))
         if "oracle" in methods and gen is not None:
-            rows.append(("site oracle", metrics(data, site_oracle_centiles(gen, data.train, data.test), None)))
+            oracle = site_oracle_centiles(gen, data.train, data.test)
+            rows.append(("site oracle", metrics(data, oracle, None)))
         for name, row in rows:
             print(f"  {name}: {row}", file=sys.stderr, flush=True)
         results.append((data, rows, mc_floor(args.n_samples)))

@@ -364,7 +364,8 @@ class NormativeDiffusion:
         known = sorted(s for s in counts if s in site_cov.levels)
         if known and not refine:
             raise InputError(f"the model already knows {site_name} {known}; adapt learns new {site_name}s "
-                             f"only: drop those rows, or pass refine=True to re-estimate them from these rows")
+                             f"only: drop those rows, or pass refine=True to re-estimate them from these "
+                             f"rows")
         few = {s: int(n) for s, n in labels.value_counts().items() if counts.get(s, 0) < 2}
         few.update({s: int(n) for s, n in counts.items() if n < 2})
         if few or not counts:

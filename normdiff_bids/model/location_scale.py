@@ -106,7 +106,7 @@ class LocationScaleStage:
         var = np.ones((n, d))
         w_log = np.full((n, d), 1.0 / _LOG_CHI2_VAR)
         logvar = None
-        for it in range(cfg.n_iter):
+        for _ in range(cfg.n_iter):
             beta, u, tau2, u_var = _mixed_model(F, Z, y, 1.0 / var, pen, cfg.em_iter)
             resid = y - F @ beta - Z @ u
             if logvar is None:

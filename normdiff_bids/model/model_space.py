@@ -1,12 +1,11 @@
 """The space the diffusion model learns, and how a row's IDP values get there and back.
 
-``location_scale="off"``: the per-IDP preprocessing alone (:class:`~normdiff_bids.model.preprocess.IDPScaler`);
-the site is a covariate of the network. ``location_scale="pooled"`` (two-stage): after preprocessing,
-the :class:`~normdiff_bids.model.location_scale.LocationScaleStage` standardises each IDP by its mean and
-spread at the row's covariates, with site effects partially pooled; the network learns the joint
-distribution of those residuals given the covariates other than the site (their shape and dependence
-may still change with age and sex). Both maps are monotone per IDP at fixed covariates, so a value's
-centile in model space is its centile in original units.
+``location_scale="off"``: the per-IDP preprocessing alone (``IDPScaler``); the site is a covariate of
+the network. ``location_scale="pooled"`` (two-stage): after preprocessing, the ``LocationScaleStage``
+standardises each IDP by its mean and spread at the row's covariates, with site effects partially
+pooled; the network learns the joint distribution of those residuals given the covariates other than
+the site (their shape and dependence may still change with age and sex). Both maps are monotone per
+IDP at fixed covariates, so a value's centile in model space is its centile in original units.
 
 This module also splits the encoded categorical covariates into what the network sees and what the
 location-scale stage sees, and fits the stage with out-of-fold residuals for the calibration layer.
