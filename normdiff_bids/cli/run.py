@@ -228,7 +228,8 @@ def _collect(plan: Plan, idp_set):
 
 
 def _check_group(opts, plan: Plan) -> None:
-    from normdiff_bids.interfaces.model import select_reference, split_reference
+    from normdiff_bids.data.reference import reference_participants, select_reference
+    from normdiff_bids.interfaces.model import split_reference
     from normdiff_bids.model.covariates import CovariateSchema
     from normdiff_bids.outputs.names import model_dir
 
@@ -271,29 +272,6 @@ def _check_model(opts, plan: Plan, model_dir: Path):
     plan.table, plan.model = table, model
     plan.rows = subject_rows(table, plan)
     return model, table
-
-
-def reference_participants(bids_dir: Path, query: str | None, table) -> list[str]:
-    """Participants (``sub-`` ids) forming the reference: ``query`` over participants.tsv, else everyone."""
-    import pandas as pd
-
-    present = sorted(set(table["participant_id"]))
-    if not query:
-        return present
-    path = bids_dir / "participants.tsv"
-    participants = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False,
-                               dtype={"participant_id": str})
-    try:
-        chosen = participants.query(query, engine="python")
-    except Exception as exc:  # pandas raises many types for a bad expression
-        raise InputError(f"--reference-query {query!r} cannot be evaluated on {path} ({type(exc).__name__}: "
-                         f"{exc}); its columns are {list(participants.columns)}") from None
-    ids = {p if p.startswith("sub-") else f"sub-{p}" for p in chosen["participant_id"].astype(str)}
-    selected = [p for p in present if p in ids]
-    if not selected:
-        raise InputError(f"--reference-query {query!r} selects no participant with IDPs "
-                         f"({len(chosen)} rows of {path} match); check the query")
-    return selected
 
 
 def subject_rows(table, plan: Plan) -> list[dict]:
