@@ -94,7 +94,8 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
 
 
 class _TrainOutputSpec(TraitedSpec):
-    model_dir = Directory(exists=True, desc="the trained model bundle (model.safetensors + model.json)")
+    model_dir = Directory(exists=True,
+                          desc="the trained model bundle (model.safetensors, model.json, manifest.json)")
     metrics = File(exists=True, desc="JSON: held-out evaluation metrics and the train/held-out split")
     calibration_report = File(desc="HTML calibration report of the held-out evaluation")
     split = File(exists=True, desc="TSV: participant_id, session_id, split (train/holdout) of the reference")
