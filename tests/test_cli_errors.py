@@ -229,3 +229,147 @@ def test_an_unforeseen_failure_is_one_line_unless_asked(capsys, monkeypatch, tmp
     assert "KeyError" in err and "-vv" in err and "Traceback" not in err
     with pytest.raises(KeyError):
         main([*argv, "-vv"])
+
+
+# -- the bad-input catalogue (docs/usage.md, "When something is wrong") ------------------------------
+
+def _rehash(bundle: Path, name: str) -> None:
+    """Bring a bundle's manifest up to date with an edited file (as a careful forger would)."""
+    import hashlib
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data = (bundle / name).read_bytes()
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_unsafe_reference_query_is_refused_and_runs_nothing(capsys, bids, tmp_path):
+    marker = tmp_path / "FILE"
+    out = tmp_path / "out"
+    query = f"@pd.io.common.os.system('touch {marker}') == 0"
+    message = refused(capsys, [str(bids), str(out), "group", *TINY_ARGS, "--reference-query", query], out)
+    assert not marker.exists()
+    assert "--reference-query" in message and "participants.tsv" in message and "'@'" in message
+    assert "    ^" in message  # the caret under the culprit
+
+
+def test_reference_query_naming_an_unknown_column(capsys, bids, tmp_path):
+    out = tmp_path / "out"
+    message = refused(capsys, [str(bids), str(out), "group", *TINY_ARGS, "--reference-query",
+                               "diagnosys == 'HC'"], out)
+    assert "'diagnosys'" in message and "did you mean 'diagnosis'" in message
+    assert "available columns" in message
+
+
+def test_hand_edited_model_json(capsys, bids, out, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(out / "models" / "default", edited)
+    meta = json.loads((edited / "model.json").read_text())
+    meta["params"]["n_samples"] = 5
+    (edited / "model.json").write_text(json.dumps(meta, indent=2))
+    message = refused(capsys, participant(bids, out, "--participant-label", "001", model=edited), out)
+    assert "model.json" in message and "edited by hand" in message
+    _rehash(edited, "model.json")  # even with the checksum brought up to date, the value is checked
+    message = refused(capsys, participant(bids, out, "--participant-label", "001", model=edited), out)
+    assert "model.json" in message and "n_samples=5" in message
+
+
+def test_bundle_of_another_format_version(capsys, bids, out, tmp_path):
+    other = tmp_path / "future"
+    shutil.copytree(out / "models" / "default", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    message = refused(capsys, participant(bids, out, "--participant-label", "001", model=other), out)
+    assert "manifest.json" in message and "format_version 99" in message and "upgrade" in message
+
+
+def test_model_options_that_are_not_json(capsys, bids, tmp_path):
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "group", *TINY_ARGS, "--model-options", "{hidden: 3"]
+    message = refused(capsys, argv, out)
+    assert "--model-options is not valid JSON" in message
+
+
+def test_model_options_naming_no_field_fail_before_any_work(capsys, monkeypatch, bids, tmp_path):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the inputs were read although the options are invalid")
+
+    monkeypatch.setattr("normdiff_bids.cli.run._collect", no_work)
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "group", *TINY_ARGS,
+            "--model-options", '{"backbone_config": {"width": 128}}']
+    message = refused(capsys, argv, out)
+    assert "backbone_config has no field 'width'" in message and "valid fields: hidden, n_blocks" in message
+    message = refused(capsys, [*argv[:-1], '{"learning_rate": 0.1}'], out)
+    assert "'learning_rate' is not a model option" in message and "lr" in message
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda:7"])
+def test_device_this_machine_lacks_fails_up_front(capsys, monkeypatch, bids, tmp_path, device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    monkeypatch.setattr("normdiff_bids.cli.run._collect", lambda *a, **k: pytest.fail("inputs were read"))
+    out = tmp_path / "out"
+    message = refused(capsys, [str(bids), str(out), "group", *TINY_ARGS, "--device", device], out)
+    assert f"--device {device}" in message and ("--device cpu" in message or "--device auto" in message)
+
+
+def test_duplicate_participants(capsys, out, tmp_path_factory, tmp_path):
+    import pandas as pd
+
+    damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
+    rewrite_participants(damaged, lambda t: pd.concat([t, t[t["participant_id"] == "sub-002"]]))
+    message = refused(capsys, participant(damaged, out, "--participant-label", "002"), out)
+    assert "participants.tsv" in message and "'sub-002' is listed more than once" in message
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_value_in_a_stats_file(capsys, out, tmp_path_factory, tmp_path, bad):
+    damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
+    stats = damaged / "derivatives" / "freesurfer" / "sub-003" / "stats" / "aseg.stats"
+    lines = stats.read_text().splitlines(keepends=True)
+    row = next(i for i, line in enumerate(lines) if not line.startswith("#") and "Left-Hippocampus" in line)
+    fields = lines[row].split()
+    fields[3] = bad  # Volume_mm3
+    lines[row] = " ".join(fields) + "\n"
+    stats.write_text("".join(lines))
+    message = refused(capsys, participant(damaged, out, "--participant-label", "003"), out)
+    assert "sub-003/stats/aseg.stats" in message and f"line {row + 1}" in message
+    assert f"'{bad}' is not a finite number" in message and "rerun" in message
+
+
+def test_empty_freesurfer_subject_folder(capsys, out, tmp_path_factory, tmp_path):
+    damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
+    subject = damaged / "derivatives" / "freesurfer" / "sub-005"
+    shutil.rmtree(subject)
+    subject.mkdir()
+    message = refused(capsys, participant(damaged, out, "--participant-label", "005"), out)
+    assert "sub-005" in message and "stats" in message
+
+
+def test_sex_outside_the_models_levels(capsys, out, tmp_path_factory, tmp_path):
+    damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
+
+    def other(table):
+        table.loc[table["participant_id"] == "sub-004", "sex"] = "X"
+        return table
+
+    rewrite_participants(damaged, other)
+    message = refused(capsys, participant(damaged, out, "--participant-label", "004"), out)
+    assert "'X'" in message and "sex" in message
+
+
+def test_participants_tsv_with_byte_order_mark_and_crlf_is_read(capsys, out, tmp_path_factory, tmp_path):
+    damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
+    path = damaged / "participants.tsv"
+    text = path.read_text(encoding="utf-8")
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    assert main(participant(damaged, out, "--participant-label", "001")) == 0, capsys.readouterr().err
+    scores = out / "sub-001" / "anat" / "sub-001_desc-deviations_scores.tsv"
+    assert scores.is_file() and "\r" not in scores.read_text()
+    import pandas as pd
+
+    table = pd.read_csv(scores, sep="\t")
+    assert table["centile"].between(0, 1).all()

@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="IDPs to model: named sets (aseg, aparc-thickness, aparc-area, aparc-volume, "
                           "global, all, ...), IDP names or globs")
     sel.add_argument("--reference-query", default=None, metavar="QUERY",
-                     help="pandas query over participants.tsv columns selecting the normative reference, "
-                          "e.g. \"diagnosis == 'HC'\"; default: every participant")
+                     help="expression over participants.tsv columns selecting the normative reference, "
+                          "e.g. \"diagnosis == 'HC' and age >= 18\": columns, numbers, quoted text, "
+                          "== != < <= > >=, in [...], and/or/not (& | ~), parentheses; parsed, never run "
+                          "as code; default: every participant")
     sel.add_argument("--age-column", default="age", help="participants.tsv / sessions.tsv column holding age")
     sel.add_argument("--sex-column", default="sex", help="participants.tsv column holding sex")
     sel.add_argument("--site-column", default="site",
@@ -121,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "against the mixture over the training sites")
     mod.add_argument("--model-options", default=None, metavar="JSON",
                      help="further NormativeDiffusion hyper-parameters as a JSON object, e.g. "
-                          "'{\"sampler\": \"ddpm\", \"backbone_config\": {\"width\": 128}}'")
+                          "'{\"sampler\": \"ddpm\", \"backbone_config\": {\"hidden\": 128}}'; unknown names "
+                          "are refused")
     mod.add_argument("--seed", type=_non_negative_int, default=0,
                      help="random seed (train/held-out split, training, sampling)")
     mod.add_argument("--device", type=_device, default="auto",
-                     help="torch device: auto (cuda if present), cpu, cuda, cuda:N")
+                     help="torch device: auto (cuda if present), cpu, cuda, cuda:N; a device this "
+                          "machine lacks is refused up front (Linear/MultiProc plugins)")
 
     run = parser.add_argument_group("Execution")
     run.add_argument("-w", "--work-dir", type=Path, default=None,

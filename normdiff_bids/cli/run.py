@@ -184,12 +184,80 @@ def check_inputs(opts, levels) -> Plan:
             raise InputError(f"--model-options is not valid JSON ({exc}): {opts.model_options!r}") from None
         if not isinstance(plan.model_options, dict):
             raise InputError(f"--model-options must be a JSON object; got {opts.model_options!r}")
+        check_model_options(plan.model_options, opts.backbone)
+    if (opts.plugin or "MultiProc") in _LOCAL_PLUGINS:  # a cluster's nodes may have devices this host lacks
+        check_device(opts.device)
 
     if "group" in levels:
         _check_group(opts, plan)
     elif "participant" in levels:
         _check_model(opts, plan, plan.model_dir)
     return plan
+
+
+#: --model-options keys that the command line sets itself, and the option to use instead.
+_SET_BY_FLAGS = {"backbone": "--backbone", "covariates": "--site-column", "seed": "--seed",
+                 "device": "--device"}
+#: Plugins that run the nodes on this machine (so its devices are the ones the nodes get).
+_LOCAL_PLUGINS = ("Linear", "MultiProc")
+
+
+def check_model_options(options: dict, backbone: str) -> None:
+    """Refuse ``--model-options`` that name no model option or config field, or hold invalid values."""
+    import dataclasses
+    import inspect
+
+    from normdiff_bids.model.backbones import get_backbone
+    from normdiff_bids.model.covariates import CovariateEncoderConfig
+    from normdiff_bids.model.normative import NormativeDiffusion
+    from normdiff_bids.model.schedule import DiffusionConfig
+
+    valid = [p for p in inspect.signature(NormativeDiffusion.__init__).parameters if p != "self"]
+    problems = ProblemCollector()
+    for key in options:
+        if key in _SET_BY_FLAGS:
+            problems.add(f"{key!r} is set on the command line; use {_SET_BY_FLAGS[key]} instead")
+        elif key not in valid:
+            close = [v for v in valid if v not in _SET_BY_FLAGS]
+            problems.add(f"{key!r} is not a model option; valid options: {', '.join(close)}")
+    configs = {"backbone_config": (get_backbone(backbone)[1], f"the {backbone} backbone"),
+               "diffusion_config": (DiffusionConfig, "the diffusion process"),
+               "encoder_config": (CovariateEncoderConfig, "the covariate encoder")}
+    for key, (config_cls, what) in configs.items():
+        value = options.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            problems.add(f"{key} must be a JSON object of fields, e.g. {{\"{key}\": {{...}}}}; got {value!r}")
+            continue
+        fields = [f.name for f in dataclasses.fields(config_cls)]
+        for name in value:
+            if name not in fields:
+                problems.add(f"{key} has no field {name!r} for {what}; valid fields: {', '.join(fields)}")
+    problems.raise_if_any(header="--model-options cannot be used")
+    try:
+        NormativeDiffusion(backbone=backbone, **{**options, "device": "cpu"})._check_params()
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"--model-options cannot be used: {str(exc).split(': ', 1)[-1]}") from None
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` this machine does not have (before any work is done)."""
+    if device in ("auto", "cpu"):
+        return
+    if device == "mps":
+        raise InputError("--device mps: normdiff-bids models run on cpu or cuda (cuda:N); use --device cpu "
+                         "or auto")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__} finds no GPU); use --device cpu or auto")
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise InputError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
+                         f"cuda:{count - 1}; choose one of them, or --device auto")
 
 
 def _labels(values, entity, clean_label, problems) -> list[str] | None:
@@ -229,7 +297,8 @@ def _collect(plan: Plan, idp_set):
 
 
 def _check_group(opts, plan: Plan) -> None:
-    from normdiff_bids.interfaces.model import select_reference, split_reference
+    from normdiff_bids.data.reference import reference_participants, select_reference
+    from normdiff_bids.interfaces.model import split_reference
     from normdiff_bids.model.covariates import CovariateSchema
     from normdiff_bids.outputs.names import model_dir
 
@@ -253,9 +322,10 @@ def _check_covariates(schema, table, unknown_site: str) -> None:
     try:
         schema.encode(table, unknown=unknown_site)
     except InputError as exc:
-        header = ("the participants' covariates do not fit the model (on the command line, rows from an "
-                  "unseen site can be scored against the model's mixture over sites with "
-                  "--unknown-site marginal)")
+        header = "the participants' covariates do not fit the model"
+        if any("'site'" in problem for problem in exc.problems):
+            header += (" (on the command line, rows from an unseen site can be scored against the model's "
+                       "mixture over sites with --unknown-site marginal)")
         raise InputError(exc.problems, header=header) from None
 
 
@@ -272,29 +342,6 @@ def _check_model(opts, plan: Plan, model_dir: Path):
     plan.table, plan.model = table, model
     plan.rows = subject_rows(table, plan)
     return model, table
-
-
-def reference_participants(bids_dir: Path, query: str | None, table) -> list[str]:
-    """Participants (``sub-`` ids) forming the reference: ``query`` over participants.tsv, else everyone."""
-    import pandas as pd
-
-    present = sorted(set(table["participant_id"]))
-    if not query:
-        return present
-    path = bids_dir / "participants.tsv"
-    participants = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False,
-                               dtype={"participant_id": str})
-    try:
-        chosen = participants.query(query, engine="python")
-    except Exception as exc:  # pandas raises many types for a bad expression
-        raise InputError(f"--reference-query {query!r} cannot be evaluated on {path} ({type(exc).__name__}: "
-                         f"{exc}); its columns are {list(participants.columns)}") from None
-    ids = {p if p.startswith("sub-") else f"sub-{p}" for p in chosen["participant_id"].astype(str)}
-    selected = [p for p in present if p in ids]
-    if not selected:
-        raise InputError(f"--reference-query {query!r} selects no participant with IDPs "
-                         f"({len(chosen)} rows of {path} match); check the query")
-    return selected
 
 
 def subject_rows(table, plan: Plan) -> list[dict]:

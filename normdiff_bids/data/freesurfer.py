@@ -188,6 +188,11 @@ def read_stats(path: str | Path) -> StatsFile:
                      table_columns=list(columns or []))
 
 
+#: What to do about a NaN or infinite value in a stats file (FreeSurfer never writes one for a good run).
+_NON_FINITE_FIX = ("the FreeSurfer run of this subject failed or the file was edited; rerun its stats "
+                   "(recon-all -segstats / -parcstats) or leave the subject out with --participant-label")
+
+
 def _parse_measure(body: str, path: Path, lineno: int, problems: ProblemCollector) -> Measure | None:
     fields = [f.strip() for f in body.split(",")]
     if len(fields) == 4 and " " in fields[1]:
@@ -204,6 +209,10 @@ def _parse_measure(body: str, path: Path, lineno: int, problems: ProblemCollecto
     except ValueError:
         problems.add(f"{path}, line {lineno}: '# Measure {fields[1]}' has value {fields[3]!r}, "
                      "which is not a number")
+        return None
+    if not math.isfinite(value):
+        problems.add(f"{path}, line {lineno}: '# Measure {fields[1]}' has value {fields[3]!r}, which is "
+                     f"not a finite number; {_NON_FINITE_FIX}")
         return None
     return Measure(structure=fields[0], name=fields[1], description=fields[2], value=value, units=fields[4])
 
@@ -240,6 +249,10 @@ def _parse_table(path: Path, columns: list[str], data: list[tuple[int, list[str]
             except ValueError:
                 problems.add(f"{path}, line {lineno}, column {col}: {value!r} is not a number")
                 number = math.nan
+            else:
+                if not math.isfinite(number) and (col == "Volume_mm3" or col in SURFACE_MEASURES.values()):
+                    problems.add(f"{path}, line {lineno}, column {col}: {value!r} is not a finite number; "
+                                 f"{_NON_FINITE_FIX}")
             row.append(number)
         rows.append(row)
     n_rows = header.get("NRows")

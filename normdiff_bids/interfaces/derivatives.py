@@ -153,9 +153,7 @@ class InstallModel(SimpleInterface):
 
 
 def weights_digest(model_dir: str | os.PathLike) -> str | None:
-    """The sha256 of a bundle's weights as its model.json records it (None when unreadable)."""
-    try:
-        meta = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
-        return str(meta["weights"]["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The sha256 of a bundle's weights as its manifest records it (None when unreadable)."""
+    from normdiff_bids.model.bundle import weights_digest as recorded_digest
+
+    return recorded_digest(model_dir)

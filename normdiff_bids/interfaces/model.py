@@ -19,31 +19,13 @@ from nipype.interfaces.base import (
 
 from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.conventions import ID_COLUMNS
+from normdiff_bids.data.reference import (  # noqa: F401  (re-exported: older callers import them here)
+    MIN_REFERENCE_ROWS,
+    select_reference,
+)
 from normdiff_bids.errors import InputError
 from normdiff_bids.interfaces.tables import read_table, write_table
 from normdiff_bids.model.backbones import backbone_names
-
-#: Fewest reference rows a model is trained on (below this the held-out evaluation is meaningless).
-MIN_REFERENCE_ROWS = 10
-
-
-def select_reference(table: pd.DataFrame, participants=None, query: str | None = None) -> pd.DataFrame:
-    """Rows of ``table`` forming the normative reference: listed participants and/or a query over columns."""
-    reference = table
-    if participants:
-        wanted = {p if str(p).startswith("sub-") else f"sub-{p}" for p in participants}
-        reference = reference[reference["participant_id"].isin(wanted)]
-    if query:
-        try:
-            reference = reference.query(query, engine="python")
-        except Exception as exc:  # pandas raises many types for a bad expression
-            raise InputError(f"reference query {query!r} cannot be evaluated on the IDP table ({exc}); "
-                             f"columns available: {list(table.columns)}") from None
-    if len(reference) < MIN_REFERENCE_ROWS:
-        raise InputError(f"the normative reference has {len(reference)} rows; at least {MIN_REFERENCE_ROWS} "
-                         f"are needed to train and evaluate a model; widen the reference selection")
-    return reference
-
 
 def split_reference(reference: pd.DataFrame, holdout_fraction: float, seed: int,
                     strata=("site", "sex")) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -91,7 +73,9 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
     idps = traits.List(traits.Str, desc="IDP columns to model; default: every other numeric column")
     reference_participants = traits.List(traits.Str, desc="participants forming the normative reference; "
                                                           "default: every row")
-    reference_query = traits.Str(desc="pandas query over the table's columns selecting the reference rows")
+    reference_query = traits.Str(desc="query over the table's columns selecting the reference rows, e.g. "
+                                     "\"diagnosis == 'HC' and age >= 18\" (grammar: "
+                                     "normdiff_bids.data.query; no code is run)")
     holdout_fraction = traits.Range(low=0.0, high=0.9, value=0.2, usedefault=True, exclude_low=True,
                                     desc="share of the reference held out (by participant, stratified by "
                                          "site and sex) to evaluate the model")
@@ -110,7 +94,8 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
 
 
 class _TrainOutputSpec(TraitedSpec):
-    model_dir = Directory(exists=True, desc="the trained model bundle (model.safetensors + model.json)")
+    model_dir = Directory(exists=True,
+                          desc="the trained model bundle (model.safetensors, model.json, manifest.json)")
     metrics = File(exists=True, desc="JSON: held-out evaluation metrics and the train/held-out split")
     calibration_report = File(desc="HTML calibration report of the held-out evaluation")
     split = File(exists=True, desc="TSV: participant_id, session_id, split (train/holdout) of the reference")

@@ -30,7 +30,7 @@ from normdiff_bids.conventions import NON_IDP_COLUMNS
 from normdiff_bids.errors import InputError, ProblemCollector
 from normdiff_bids.model import params as P
 from normdiff_bids.model.backbones import backbone_names, get_spec
-from normdiff_bids.model.bundle import BundleError, load_bundle, save_bundle
+from normdiff_bids.model.bundle import BundleError, check_params, load_bundle, save_bundle
 from normdiff_bids.model.covariates import CovariateEncoder, CovariateEncoderConfig, CovariateSchema
 from normdiff_bids.model.location_scale import LocationScaleConfig, LocationScaleStage
 from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals
@@ -749,6 +749,7 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
         params["covariates"] = tuple(params["covariates"])
         if device is not None:
             params["device"] = device
+        check_params(NormativeDiffusion, params, path)  # the estimator's own checks, on edited values too
         model = NormativeDiffusion(**params)
         model.idps_ = list(meta["idps"])
         model.n_features_in_ = len(model.idps_)
@@ -771,6 +772,8 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
         network = spec.module(model.n_features_in_, encoder.cond_dim, model.backbone_config_)
         encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
         network.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("network.")})
+    except BundleError:
+        raise
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise BundleError(f"{path}/model.json and model.safetensors do not describe a model this version "
                           f"can rebuild ({type(err).__name__}: {err}); {fix}") from None
