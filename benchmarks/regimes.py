@@ -159,7 +159,7 @@ def run_peer(method: str, data: Dataset, args) -> tuple[str, dict]:
             centiles = model.predict_centiles(data.test).to_numpy()
             score_s = time.perf_counter() - start
         else:
-            model, fit_s, score_s = peers.run_pcntoolkit(data, "SinhArcsinh" if method == "pcn-blr-shash"
+            model, fit_s, score_s = peers.run_pcntoolkit(data, "WarpSinhArcsinh" if method == "pcn-blr-shash"
                                                          else None, args)
             centiles = model.centiles
         row = metrics(data, centiles, None)

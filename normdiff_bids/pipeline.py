@@ -15,6 +15,7 @@ from pathlib import Path
 from nipype.pipeline import engine as pe
 
 from normdiff_bids.interfaces import (
+    AdaptNormativeModel,
     CollectIDPs,
     DeviationMaps,
     GroupReport,
@@ -65,7 +66,7 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
                   reference_query=None, holdout_fraction=0.2, backbone="film-mlp", epochs=None,
                   n_samples=None, seed=0, device="auto", use_gpu=False, model_name="default",
                   overwrite_model=False, unknown_site="error", model_options: Mapping | None = None,
-                  subject_reports: Sequence[str] = (), nprocs: int | None = None,
+                  subject_reports: Sequence[str] = (), nprocs: int | None = None, from_model=None,
                   name="normdiff_group_wf") -> pe.Workflow:
     """Group level: collect IDPs, fit on the reference (held-out evaluation), score everyone, write
     ``phenotype/`` tables, the group report, and finally install the model under ``models/<name>``.
@@ -74,17 +75,25 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
     run again (with the same ``work_dir`` it resumes from the cached nodes). ``subject_reports``: report
     names the group report links (when the participant level follows in the same run). ``nprocs``: CPU
     cores training and scoring may use (the node reserves them from MultiProc and torch uses as many).
+    ``from_model``: a trained bundle to adapt to this dataset's new sites instead of training from
+    scratch (:class:`AdaptNormativeModel`); the rest of the workflow is the same.
     """
     wf = _workflow(name)
     collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set,
                             age_column, sex_column, site_column)
-    train = pe.Node(TrainNormativeModel(covariates=list(covariates), holdout_fraction=holdout_fraction,
-                                        backbone=backbone, seed=seed, device=device, use_gpu=use_gpu),
-                    name="train_model")
+    if from_model is None:
+        train = pe.Node(TrainNormativeModel(covariates=list(covariates), holdout_fraction=holdout_fraction,
+                                            backbone=backbone, seed=seed, device=device, use_gpu=use_gpu),
+                        name="train_model")
+        _optional(train, epochs=epochs, n_samples=n_samples,
+                  model_options=dict(model_options) if model_options else None)
+    else:
+        train = pe.Node(AdaptNormativeModel(base_model_dir=os.fspath(from_model),
+                                            holdout_fraction=holdout_fraction, seed=seed, device=device),
+                        name="adapt_model")
     _reserve(train, nprocs)
     _optional(train, reference_participants=list(reference_participants or []),
-              reference_query=reference_query, epochs=epochs, n_samples=n_samples,
-              model_options=dict(model_options) if model_options else None)
+              reference_query=reference_query)
     score = pe.Node(ScoreDeviations(unknown_site=unknown_site, device=device, use_gpu=use_gpu),
                     name="score_all")
     _reserve(score, nprocs)

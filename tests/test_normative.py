@@ -175,12 +175,13 @@ def test_grid_scoring_agrees_with_exact_scoring(model, cohort):
 
 
 def test_joint_scores_equal_the_scoring_module_on_the_same_draws(model, test, cohort):
-    model.set_params(covariate_grid="off")
+    # the raw score against the draws (the calibration layer maps the joint centile afterwards)
+    model.set_params(covariate_grid="off", calibration="off")
     try:
         scores = model.score(test)
         samples = model.sample(test)  # exact draws at each row: the ones scoring used
     finally:
-        model.set_params(covariate_grid="auto")
+        model.set_params(covariate_grid="auto", calibration="conformal")
     expected = joint_deviation(test[cohort.idps].to_numpy(float), samples)
     got = scores.groupby("participant_id", sort=False)[["joint_stat", "joint_centile"]].first()
     np.testing.assert_allclose(got["joint_stat"], expected["joint_stat"], rtol=1e-6)

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--model", type=Path, default=None,
                      help="participant level: the model bundle to score against; default: "
                           "OUTPUT_DIR/models/<model-name>, as written by the group level")
+    mod.add_argument("--from-model", type=Path, default=None, metavar="PATH",
+                     help="group level: adapt this trained model bundle to the new sites of this "
+                          "dataset's reference participants (only their site effects are learnt, in "
+                          "seconds) instead of training from scratch; installed as models/<model-name>")
     mod.add_argument("--model-name", type=_model_name, default=DEFAULT_MODEL_NAME,
                      help="name of the model folder under OUTPUT_DIR/models/")
     mod.add_argument("--overwrite-model", action="store_true",

@@ -43,6 +43,7 @@ class Plan:
     model_dir: Path | None = None
     model_options: dict | None = None
     model: object = None  # the loaded model (participant level)
+    base_model: object = None  # the model --from-model adapts (group level)
     rows: list[dict] = field(default_factory=list)  # rows the participant level writes files for
     table: object = None  # the IDP table collected while checking (pandas DataFrame)
 
@@ -89,8 +90,10 @@ def run(opts) -> int:
     plan.output_dir = prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=plan.fs_dir)
     with _work_dir(opts.work_dir) as work_dir:
         if "group" in levels:
-            _say(f"group level: fitting a {opts.backbone} model on {len(plan.reference_participants)} "
-                 f"reference participants", quiet=opts.quiet)
+            what = (f"adapting {opts.from_model} to the new sites of" if opts.from_model is not None
+                    else f"fitting a {opts.backbone} model on")
+            _say(f"group level: {what} {len(plan.reference_participants)} reference participants",
+                 quiet=opts.quiet)
             run_workflow(group_workflow(opts, plan), opts, work_dir)
         if "participant" in levels:
             wf = participant_workflow(opts, plan)
@@ -114,13 +117,15 @@ def group_workflow(opts, plan: Plan):
     return init_group_wf(
         bids_dir=plan.bids_dir, output_dir=plan.output_dir, fs_dir=plan.fs_dir,
         participant_label=plan.participant_label, session_label=plan.session_label,
-        idp_set=opts.idp_set, covariates=plan.covariates, **plan.columns,
+        idp_set=list(plan.base_model.idps_) if plan.base_model is not None else opts.idp_set,
+        covariates=plan.covariates, **plan.columns,
         reference_participants=plan.reference_participants,
         holdout_fraction=opts.holdout_fraction, backbone=opts.backbone, epochs=opts.epochs,
         n_samples=opts.n_samples, seed=opts.seed, device=opts.device,
         model_name=opts.model_name, overwrite_model=opts.overwrite_model,
         unknown_site=opts.unknown_site, use_gpu=_uses_gpu(opts.device), model_options=plan.model_options,
-        subject_reports=reports, nprocs=_nprocs(opts))
+        subject_reports=reports, nprocs=_nprocs(opts),
+        from_model=opts.from_model.expanduser().absolute() if opts.from_model is not None else None)
 
 
 def participant_workflow(opts, plan: Plan):
@@ -168,6 +173,12 @@ def check_inputs(opts, levels) -> Plan:
             problems.add(f"--fs-dir {fs_dir} is not a folder; give the FreeSurfer SUBJECTS_DIR")
     if opts.model is not None and not opts.model.expanduser().exists():
         problems.add(f"--model {opts.model} does not exist; give a model folder written by the group level")
+    if opts.from_model is not None and not opts.from_model.expanduser().is_dir():
+        problems.add(f"--from-model {opts.from_model} is not a folder; give a model folder written by the "
+                     f"group level")
+    if opts.from_model is not None and "group" not in levels:
+        problems.add("--from-model adapts a model at the group level; add 'group' to the analysis levels "
+                     "(or score against an adapted model with --model)")
     problems.raise_if_any(header="the command line names inputs that cannot be used")
 
     site = None if opts.site_column.lower() == "none" else opts.site_column
@@ -307,14 +318,35 @@ def _check_group(opts, plan: Plan) -> None:
         raise OutputError(
             f"a model named '{opts.model_name}' already exists in {target.parent}; pass "
             f"--model-name NEW to keep both, or --overwrite-model to replace it")
-    table = _collect(plan, opts.idp_set)
+    if opts.from_model is not None:
+        from normdiff_bids.model.normative import load_model
+
+        plan.base_model = load_model(opts.from_model.expanduser().absolute(), device="cpu")
+    table = _collect(plan, plan.base_model.idps_ if plan.base_model is not None else opts.idp_set)
     plan.table = table
     plan.reference_participants = reference_participants(plan.bids_dir, opts.reference_query, table)
     reference = select_reference(table, participants=plan.reference_participants)
     train, _ = split_reference(reference, opts.holdout_fraction, opts.seed)
-    # Every row is scored by the group level: its covariates must be usable by a model trained on `train`.
-    schema = CovariateSchema.from_table(train, plan.covariates)
+    # Every row is scored by the group level: its covariates must be usable by a model trained on `train`
+    # (or by the adapted model: the base model's levels plus the reference's new sites).
+    if plan.base_model is None:
+        schema = CovariateSchema.from_table(train, plan.covariates)
+    else:
+        schema = _adapted_schema(plan.base_model, reference)
     _check_covariates(schema, table, opts.unknown_site)
+
+
+def _adapted_schema(model, reference):
+    """The covariate schema a model will have once adapted to the reference's sites it lacks."""
+    from normdiff_bids.model.covariates import CovariateSchema
+
+    schema = CovariateSchema.from_dict(model.covariate_schema_.to_dict())
+    names = [c.name for c in schema.categorical]
+    site = model.site_covariate
+    if site in names and site in reference.columns:
+        levels = schema.categorical[names.index(site)].levels
+        levels.extend(sorted(set(reference[site].dropna().astype(str).str.strip()) - set(levels)))
+    return schema
 
 
 def _check_covariates(schema, table, unknown_site: str) -> None:

@@ -13,10 +13,11 @@ Importing this package imports Nipype but not torch; the model is loaded inside 
 from normdiff_bids.interfaces.collect import CollectIDPs
 from normdiff_bids.interfaces.derivatives import InstallModel, WriteGroupTable, WriteSubjectScores
 from normdiff_bids.interfaces.maps import DeviationMaps
-from normdiff_bids.interfaces.model import ScoreDeviations, TrainNormativeModel
+from normdiff_bids.interfaces.model import AdaptNormativeModel, ScoreDeviations, TrainNormativeModel
 from normdiff_bids.interfaces.reports import GroupReport, NormDiffReport
 
 __all__ = [
+    "AdaptNormativeModel",
     "CollectIDPs",
     "DeviationMaps",
     "GroupReport",

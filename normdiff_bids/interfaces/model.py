@@ -27,6 +27,7 @@ from normdiff_bids.errors import InputError
 from normdiff_bids.interfaces.tables import read_table, write_table
 from normdiff_bids.model.backbones import backbone_names
 
+
 def split_reference(reference: pd.DataFrame, holdout_fraction: float, seed: int,
                     strata=("site", "sex")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split the reference into training and held-out rows, by participant, stratified by site and sex.
@@ -130,30 +131,87 @@ class TrainNormativeModel(SimpleInterface):
         model = NormativeDiffusion(backbone=self.inputs.backbone, covariates=tuple(covariates),
                                    seed=self.inputs.seed, device=self.inputs.device, **options)
         model.fit(train, idps=idps)
-        model_dir = os.path.join(runtime.cwd, "model")
-        model.save(model_dir, overwrite=True)  # a rerun of this node replaces its own previous bundle
+        self._results.update(write_fit_outputs(runtime.cwd, model, reference, train, holdout,
+                                               self.inputs.holdout_fraction, self.inputs.seed,
+                                               self.inputs.evaluate))
+        return runtime
 
-        split = reference[[c for c in ID_COLUMNS if c in reference.columns]].copy()
-        split["split"] = np.where(reference["participant_id"].isin(set(holdout["participant_id"])),
-                                  "holdout", "train")
-        self._results["split"] = write_table(split, os.path.join(runtime.cwd, "split.tsv"))
 
-        metrics = {"n_reference": len(reference), "n_train": len(train), "n_holdout": len(holdout),
-                   "holdout_fraction": self.inputs.holdout_fraction, "seed": self.inputs.seed,
-                   "idps": idps, "covariates": covariates}
-        if self.inputs.evaluate:
-            from normdiff_bids.evaluation import evaluate, summary
-            from normdiff_bids.evaluation.figures import make_figures
-            from normdiff_bids.evaluation.report import render_calibration_report
+def write_fit_outputs(cwd, model, reference, train, holdout, holdout_fraction, seed, evaluate_model,
+                      **extra) -> dict:
+    """What a fitted (or adapted) model leaves in its node folder: the bundle, the train/held-out split,
+    the metrics and, with ``evaluate_model``, the held-out calibration report. Returns the outputs."""
+    out = {"model_dir": os.path.join(cwd, "model")}
+    model.save(out["model_dir"], overwrite=True)  # a rerun of the node replaces its own previous bundle
+    split = reference[[c for c in ID_COLUMNS if c in reference.columns]].copy()
+    split["split"] = np.where(reference["participant_id"].isin(set(holdout["participant_id"])),
+                              "holdout", "train")
+    out["split"] = write_table(split, os.path.join(cwd, "split.tsv"))
+    metrics = {**extra, "n_reference": len(reference), "n_train": len(train), "n_holdout": len(holdout),
+               "holdout_fraction": holdout_fraction, "seed": seed, "idps": list(model.idps_),
+               "covariates": list(model.covariates)}
+    if evaluate_model and len(holdout):
+        from normdiff_bids.evaluation import evaluate, summary
+        from normdiff_bids.evaluation.figures import make_figures
+        from normdiff_bids.evaluation.report import render_calibration_report
 
-            results = evaluate(model, train, holdout, seed=self.inputs.seed)
-            metrics["evaluation"] = summary(results)
-            report = os.path.join(runtime.cwd, "calibration_report.html")
-            atomic_write_text(report, render_calibration_report(results, figures=make_figures(results)))
-            self._results["calibration_report"] = report
-        self._results["model_dir"] = model_dir
-        self._results["metrics"] = os.fspath(atomic_write_text(
-            os.path.join(runtime.cwd, "metrics.json"), json.dumps(metrics, indent=2, default=str) + "\n"))
+        results = evaluate(model, train, holdout, seed=seed)
+        metrics["evaluation"] = summary(results)
+        out["calibration_report"] = os.path.join(cwd, "calibration_report.html")
+        atomic_write_text(out["calibration_report"],
+                          render_calibration_report(results, figures=make_figures(results)))
+    out["metrics"] = os.fspath(atomic_write_text(
+        os.path.join(cwd, "metrics.json"), json.dumps(metrics, indent=2, default=str) + "\n"))
+    return out
+
+
+class _AdaptInputSpec(BaseInterfaceInputSpec):
+    base_model_dir = Directory(exists=True, mandatory=True,
+                               desc="a trained model bundle to adapt (it is read, never changed)")
+    idp_table = File(exists=True, mandatory=True, desc="IDP table (TSV) as written by CollectIDPs")
+    reference_participants = traits.List(traits.Str, desc="participants forming the reference of the new "
+                                                          "sites; default: every row")
+    reference_query = traits.Str(desc="query selecting the reference rows (grammar: "
+                                      "normdiff_bids.data.query; no code is run)")
+    holdout_fraction = traits.Range(low=0.0, high=0.9, value=0.2, usedefault=True, exclude_low=True,
+                                    desc="share of the new sites' reference held out to evaluate the "
+                                         "adapted model")
+    seed = traits.Int(0, usedefault=True, desc="random seed of the split")
+    device = traits.Str("auto", usedefault=True, desc="torch device: auto, cpu, cuda, cuda:N")
+    evaluate = traits.Bool(True, usedefault=True, desc="evaluate on the held-out rows and write the "
+                                                       "calibration report")
+
+
+class AdaptNormativeModel(SimpleInterface):
+    """Adapt a trained model to the sites of a new dataset from their reference controls
+    (:meth:`~normdiff_bids.NormativeDiffusion.adapt`: only the new sites' effects are learnt)."""
+
+    input_spec = _AdaptInputSpec
+    output_spec = _TrainOutputSpec
+
+    def _run_interface(self, runtime):
+        from normdiff_bids.model.normative import load_model
+
+        base = load_model(self.inputs.base_model_dir, device=self.inputs.device)
+        table = read_table(self.inputs.idp_table)
+        reference = select_reference(
+            table,
+            participants=self.inputs.reference_participants if isdefined(self.inputs.reference_participants)
+            else None,
+            query=self.inputs.reference_query if isdefined(self.inputs.reference_query) else None)
+        site = base.site_covariate
+        known = set(base.covariate_schema_.categorical[base._model_space().site_index].levels) \
+            if base._model_space().site_index is not None else set()
+        new_rows = reference[~reference[site].astype(str).isin(known)] if site in reference else reference
+        if not len(new_rows):
+            raise InputError(f"every reference participant is from a {site} the model already knows "
+                             f"({sorted(known)}); there is nothing to adapt: score with --model instead")
+        train, holdout = split_reference(new_rows, self.inputs.holdout_fraction, self.inputs.seed)
+        model = base.adapt(train)
+        self._results.update(write_fit_outputs(
+            runtime.cwd, model, new_rows, train, holdout, self.inputs.holdout_fraction, self.inputs.seed,
+            self.inputs.evaluate, adapted_from=os.fspath(self.inputs.base_model_dir),
+            adaptation=model.adaptations_[-1]))
         return runtime
 
 
