@@ -79,7 +79,7 @@ def test_group_level_writes_tables_report_and_model(group_out, bids):
     assert set(split.loc[split["diagnosis"] == "HC", "split"]) == {"train", "holdout"}
     # the model bundle, its card and the group report with the embedded calibration report
     bundle = {p.name for p in (group_out / "models" / "default").iterdir()}
-    assert bundle == {"model.json", "model.safetensors"}
+    assert bundle == {"manifest.json", "model.json", "model.safetensors"}
     card = json.loads((group_out / "models" / "default_modelcard.json").read_text())
     assert card["idps"] == IDPS
     html = (group_out / "group.html").read_text()

@@ -42,7 +42,9 @@ def build(argv) -> tuple:
     parser.add_argument("--dry-run", action="store_true", help="build and print, submit nothing")
     args, extra = parser.parse_known_args(argv)
 
-    app_argv = [args.bids_dir, args.output_dir, "participant", "--work-dir", args.work_dir, *extra]
+    # --plugin SLURM: the jobs run on compute nodes, so this host's devices are not checked
+    app_argv = [args.bids_dir, args.output_dir, "participant", "--work-dir", args.work_dir,
+                "--plugin", "SLURM", *extra]
     if args.participant_label:
         app_argv += ["--participant-label", *args.participant_label]
     if args.model:
