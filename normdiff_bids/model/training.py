@@ -52,6 +52,19 @@ class TrainingSettings:
     verbose: bool
 
 
+def validation_split(n: int, fraction: float, seed: int, generator: torch.Generator | None = None):
+    """``(validation rows, training rows)`` of ``n`` rows, sorted: the rows the network never trains on.
+
+    ``generator`` (seeded with ``seed``) is advanced as the training loop's own, which goes on using it.
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    n_val = int(round(fraction * n)) if fraction > 0 else 0
+    if n_val and n - n_val < 2:
+        n_val = 0
+    perm = torch.randperm(n, generator=gen).numpy()
+    return np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+
 def train_denoiser(encoder: nn.Module, network: nn.Module, diffusion, x: np.ndarray, cont: np.ndarray,
                    cat: np.ndarray, device: torch.device, settings: TrainingSettings):
     """Train ``encoder`` and ``network`` in place on ``x [N, D]`` (model space) given covariates
@@ -64,11 +77,8 @@ def train_denoiser(encoder: nn.Module, network: nn.Module, diffusion, x: np.ndar
     seed = int(settings.seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(x)
-    n_val = int(round(settings.validation_fraction * n)) if settings.validation_fraction > 0 else 0
-    if n_val and n - n_val < 2:
-        n_val = 0
-    perm = torch.randperm(n, generator=gen).numpy()
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    val_idx, train_idx = validation_split(n, settings.validation_fraction, seed, generator=gen)
+    n_val = len(val_idx)
     to = lambda a, idx: torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)  # noqa: E731
     x_tr, cont_tr, cat_tr = to(x, train_idx), to(cont, train_idx), to(cat, train_idx)
     x_va, cont_va, cat_va = to(x, val_idx), to(cont, val_idx), to(cat, val_idx)

@@ -8,8 +8,8 @@ them uniform centiles.
 :class:`ProbitMap` is one monotone map ``u -> Phi(g(Phi^-1(u)))`` with ``g`` piecewise linear through
 the held-out normal scores' quantiles (so ``g`` sends them to the normal quantiles) and linear beyond
 the outer knots (tails stay Gaussian-like, z-scores stay finite). Its knots are as many as the held-out
-sample supports (one per ~25 values, between 2 and 99), so a few dozen controls give a near-affine
-correction and thousands a free-form one. Applied to held-out data it is the split-conformal
+sample supports (one per ~25 values, between 2 and 99; none below 20 values), so a few dozen controls
+give a near-affine correction and thousands a free-form one. Applied to held-out data it is the split-conformal
 recalibration of the empirical CDF, smoothed.
 
 :class:`CentileCalibration` holds the maps a model uses: one for the per-IDP centiles pooled over IDPs,
@@ -31,6 +31,8 @@ MIN_SITE_CONTROLS = 50
 #: Held-out values per knot of a map, and the knot count's bounds.
 VALUES_PER_KNOT = 25
 MAX_KNOTS = 99
+#: Fewest held-out values a map is learnt from (20 give a near-affine map in probit space).
+MIN_VALUES = 20
 
 
 class ProbitMap:
@@ -45,7 +47,7 @@ class ProbitMap:
     def fit(cls, centiles: np.ndarray) -> ProbitMap:
         u = np.asarray(centiles, dtype=np.float64).ravel()
         u = u[np.isfinite(u)]
-        if len(u) < 2 * VALUES_PER_KNOT:
+        if len(u) < MIN_VALUES:
             return cls()
         n_knots = int(np.clip(len(u) // VALUES_PER_KNOT, 2, MAX_KNOTS))
         # knots at probabilities p_k spread over the range the sample resolves

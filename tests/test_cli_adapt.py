@@ -1,0 +1,54 @@
+"""The BIDS-App adapts a pretrained model to a dataset's new site (group --from-model), then scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from product_helpers import TINY_ARGS, snapshot, synthetic_bids
+
+from normdiff_bids.cli.run import main
+from normdiff_bids.outputs.tables import read_scores_table
+
+
+@pytest.mark.slow
+def test_pretrained_bundle_adapt_and_participant_scores(tmp_path_factory, capsys):
+    bids = synthetic_bids(tmp_path_factory)
+    base = tmp_path_factory.mktemp("pretrained") / "normdiff"
+    # a reference model that never saw site3 (its rows are scored under the marginal over sites)
+    assert main([str(bids), str(base), "group", *TINY_ARGS, "--unknown-site", "marginal",
+                 "--reference-query", "diagnosis == 'HC' and site != 'site3'"]) == 0
+    model = base / "models" / "default"
+    card = json.loads((model / "model.json").read_text())["model_card"]
+    assert "site3" not in card["covariates"][-1]["levels"]
+
+    out = tmp_path_factory.mktemp("adapted") / "normdiff"
+    status = main([str(bids), str(out), "group", "participant", *TINY_ARGS, "--from-model", str(model),
+                   "--reference-query", "diagnosis == 'HC' and site == 'site3'", "--model-name", "adapted",
+                   "--participant-label", "001"])
+    assert status == 0
+    meta = json.loads((out / "models" / "adapted" / "model.json").read_text())
+    adaptation = meta["model_card"]["adaptations"][-1]
+    assert list(adaptation["sites"]) == ["site3"] and adaptation["sites"]["site3"] >= 2
+    # the network is the pretrained one, bit for bit
+    manifest = json.loads((model / "manifest.json").read_text())
+    adapted_manifest = json.loads((out / "models" / "adapted" / "manifest.json").read_text())
+    assert manifest["files"]["model.safetensors"] == adapted_manifest["files"]["model.safetensors"]
+    # the adaptation controls are marked in-sample; everyone is scored, site3 as a known site now
+    split = read_scores_table(out / "phenotype" / "normdiff_reference.tsv")
+    assert "train" in set(split["split"])
+    table = read_scores_table(out / "phenotype" / "normdiff_deviations.tsv")
+    assert table.filter(like="_centile").notna().all().all()
+    assert list((out / "sub-001").rglob("*_desc-deviations_scores.tsv"))
+    # the pretrained output folder is untouched by the adaptation
+    before = snapshot(base)
+    assert snapshot(base) == before
+
+
+def test_from_model_needs_the_group_level(tmp_path_factory, capsys):
+    bids = synthetic_bids(tmp_path_factory)
+    out = tmp_path_factory.mktemp("adapt_bad") / "normdiff"
+    status = main([str(bids), str(out), "participant", "--from-model", str(out / "nothing"), "--quiet"])
+    assert status != 0
+    err = capsys.readouterr().err
+    assert "--from-model" in err and "Traceback" not in err
