@@ -9,8 +9,8 @@ them uniform centiles.
 the held-out normal scores' quantiles (so ``g`` sends them to the normal quantiles) and linear beyond
 the outer knots (tails stay Gaussian-like, z-scores stay finite). Its knots are as many as the held-out
 sample supports (one per ~25 values, between 2 and 99; none below 20 values), so a few dozen controls
-give a near-affine correction and thousands a free-form one. Applied to held-out data it is the split-conformal
-recalibration of the empirical CDF, smoothed.
+give a near-affine correction and thousands a free-form one. Applied to held-out data it is the
+split-conformal recalibration of the empirical CDF, smoothed.
 
 :class:`CentileCalibration` holds the maps a model uses: one for the per-IDP centiles pooled over IDPs,
 one per site with enough held-out controls, and one for the joint deviation's centile. It is stored in
