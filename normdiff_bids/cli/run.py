@@ -308,7 +308,7 @@ def _collect(plan: Plan, idp_set):
 
 
 def _check_group(opts, plan: Plan) -> None:
-    from normdiff_bids.data.reference import reference_participants, select_reference
+    from normdiff_bids.data.reference import MIN_REFERENCE_ROWS, reference_participants, select_reference
     from normdiff_bids.interfaces.model import split_reference
     from normdiff_bids.model.covariates import CovariateSchema
     from normdiff_bids.outputs.names import model_dir
@@ -325,8 +325,10 @@ def _check_group(opts, plan: Plan) -> None:
     table = _collect(plan, plan.base_model.idps_ if plan.base_model is not None else opts.idp_set)
     plan.table = table
     plan.reference_participants = reference_participants(plan.bids_dir, opts.reference_query, table)
-    reference = select_reference(table, participants=plan.reference_participants)
-    train, _ = split_reference(reference, opts.holdout_fraction, opts.seed)
+    reference = select_reference(table, participants=plan.reference_participants,
+                                 min_rows=2 if plan.base_model is not None else MIN_REFERENCE_ROWS)
+    train, _ = split_reference(reference, opts.holdout_fraction, opts.seed,
+                               min_train=2 if plan.base_model is not None else None)
     # Every row is scored by the group level: its covariates must be usable by a model trained on `train`
     # (or by the adapted model: the base model's levels plus the reference's new sites).
     if plan.base_model is None:

@@ -22,8 +22,13 @@ def _sub(pid) -> str:
     return pid if pid.startswith("sub-") else f"sub-{pid}"
 
 
-def select_reference(table: pd.DataFrame, participants=None, query: str | None = None) -> pd.DataFrame:
-    """Rows of ``table`` forming the normative reference: listed participants and/or a query over columns."""
+def select_reference(table: pd.DataFrame, participants=None, query: str | None = None,
+                     min_rows: int = MIN_REFERENCE_ROWS) -> pd.DataFrame:
+    """Rows of ``table`` forming the normative reference: listed participants and/or a query over columns.
+
+    ``min_rows``: fewest rows accepted (training needs :data:`MIN_REFERENCE_ROWS`; adapting a trained
+    model to new sites needs 2 per site, which :meth:`NormativeDiffusion.adapt` checks itself).
+    """
     reference = table
     if participants:
         wanted = {_sub(p) for p in participants}
@@ -33,8 +38,8 @@ def select_reference(table: pd.DataFrame, participants=None, query: str | None =
             reference = reference[query_mask(reference, query)]
         except QueryError as exc:
             raise QueryError(f"reference query over the IDP table: {exc}") from None
-    if len(reference) < MIN_REFERENCE_ROWS:
-        raise InputError(f"the normative reference has {len(reference)} rows; at least {MIN_REFERENCE_ROWS} "
+    if len(reference) < min_rows:
+        raise InputError(f"the normative reference has {len(reference)} rows; at least {min_rows} "
                          f"are needed to train and evaluate a model; widen the reference selection")
     return reference
 

@@ -29,11 +29,13 @@ from normdiff_bids.model.backbones import backbone_names
 
 
 def split_reference(reference: pd.DataFrame, holdout_fraction: float, seed: int,
-                    strata=("site", "sex")) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    strata=("site", "sex"),
+                    min_train: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split the reference into training and held-out rows, by participant, stratified by site and sex.
 
     All sessions of one participant go to the same side, so held-out scores are out of sample. Each
     stratum keeps at least one participant in training (a site missing from training could not be scored).
+    ``min_train``: fewest training rows accepted (default: what a model needs to be fitted).
     """
     rng = np.random.default_rng(seed)
     people = reference.drop_duplicates("participant_id")
@@ -49,10 +51,11 @@ def split_reference(reference: pd.DataFrame, holdout_fraction: float, seed: int,
     train, holdout = reference[~is_held], reference[is_held]
     from normdiff_bids.model.normative import MIN_TRAIN_ROWS
 
-    if len(train) < MIN_TRAIN_ROWS:
+    min_train = MIN_TRAIN_ROWS if min_train is None else min_train
+    if len(train) < min_train:
         raise InputError(f"the normative reference has {len(reference)} rows; after holding out "
                          f"{len(holdout)} to evaluate the model, {len(train)} remain to train it, fewer "
-                         f"than the {MIN_TRAIN_ROWS} a model needs; widen the reference or lower "
+                         f"than the {min_train} a model needs; widen the reference or lower "
                          f"--holdout-fraction")
     if holdout.empty:
         raise InputError(f"the reference ({len(reference)} rows) is too small to hold out "
@@ -165,6 +168,10 @@ def write_fit_outputs(cwd, model, reference, train, holdout, holdout_fraction, s
     return out
 
 
+#: Held-out controls of the new sites below which an adaptation is not evaluated (and uses them all).
+MIN_ADAPT_HOLDOUT = 20
+
+
 class _AdaptInputSpec(BaseInterfaceInputSpec):
     base_model_dir = Directory(exists=True, mandatory=True,
                                desc="a trained model bundle to adapt (it is read, never changed)")
@@ -178,6 +185,7 @@ class _AdaptInputSpec(BaseInterfaceInputSpec):
                                          "adapted model")
     seed = traits.Int(0, usedefault=True, desc="random seed of the split")
     device = traits.Str("auto", usedefault=True, desc="torch device: auto, cpu, cuda, cuda:N")
+    num_threads = traits.Int(desc="CPU threads torch may use (match the node's n_procs); default: torch's")
     evaluate = traits.Bool(True, usedefault=True, desc="evaluate on the held-out rows and write the "
                                                        "calibration report")
 
@@ -192,13 +200,15 @@ class AdaptNormativeModel(SimpleInterface):
     def _run_interface(self, runtime):
         from normdiff_bids.model.normative import load_model
 
+        set_threads(self.inputs.num_threads)
         base = load_model(self.inputs.base_model_dir, device=self.inputs.device)
         table = read_table(self.inputs.idp_table)
         reference = select_reference(
             table,
             participants=self.inputs.reference_participants if isdefined(self.inputs.reference_participants)
             else None,
-            query=self.inputs.reference_query if isdefined(self.inputs.reference_query) else None)
+            query=self.inputs.reference_query if isdefined(self.inputs.reference_query) else None,
+            min_rows=2)
         site = base.site_covariate
         known = set(base.covariate_schema_.categorical[base._model_space().site_index].levels) \
             if base._model_space().site_index is not None else set()
@@ -206,7 +216,10 @@ class AdaptNormativeModel(SimpleInterface):
         if not len(new_rows):
             raise InputError(f"every reference participant is from a {site} the model already knows "
                              f"({sorted(known)}); there is nothing to adapt: score with --model instead")
-        train, holdout = split_reference(new_rows, self.inputs.holdout_fraction, self.inputs.seed)
+        train, holdout = split_reference(new_rows, self.inputs.holdout_fraction, self.inputs.seed,
+                                         min_train=2)
+        if len(holdout) < MIN_ADAPT_HOLDOUT:  # too few to evaluate: every control adapts the model
+            train, holdout = new_rows, new_rows.iloc[:0]
         model = base.adapt(train)
         self._results.update(write_fit_outputs(
             runtime.cwd, model, new_rows, train, holdout, self.inputs.holdout_fraction, self.inputs.seed,
