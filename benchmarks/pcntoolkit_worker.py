@@ -93,6 +93,20 @@ def main(work_dir: str) -> None:
     np.savez(work / "result.npz", centiles=centiles, quantiles=quantiles, samples=samples,
              fit_s=fit_s, score_s=score_s)
 
+    # Transfer jobs (benchmarks/transfer.py): adapt the fitted model to a new site with
+    # transfer_<i>_adapt.csv and score transfer_<i>_test.csv with the transferred model.
+    for i in range(int(config.get("n_transfers", 0))):
+        adapt = pd.read_csv(work / f"transfer_{i}_adapt.csv")
+        target = pd.read_csv(work / f"transfer_{i}_test.csv")
+        t0 = time.perf_counter()
+        moved = model.transfer(_norm_data(f"adapt{i}", adapt, covariates, batch_effects, idps),
+                               save_dir=tempfile.mkdtemp(prefix=f"transfer{i}_", dir=work))
+        adapt_s = time.perf_counter() - t0
+        target_data = _norm_data(f"target{i}", target, covariates, batch_effects, idps)
+        moved.compute_zscores(target_data)
+        z_t = target_data["Z"].sel(response_vars=idps).values
+        np.savez(work / f"transfer_{i}.npz", centiles=stats.norm.cdf(z_t), adapt_s=adapt_s)
+
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTENSOR_FLAGS", "cxx=")

@@ -106,3 +106,15 @@ def test_evaluate_names_missing_columns(cohort, data):
     train, holdout = data
     with pytest.raises(InputError, match="holdout: missing column"):
         evaluate(OracleModel(cohort), train, holdout.drop(columns=cohort.idps[0]), n_samples=5)
+
+
+def test_report_says_plainly_when_the_joint_deviation_fails():
+    from normdiff_bids.evaluation.report import _cards
+
+    def card(ks):
+        results = {"pit_ks": 0.03, "pit_ks_max": 0.05, "joint_pit_ks": ks, "joint_pit_ks_critical": 0.076,
+                   "joint_share_95": 0.2, "joint_share_99": 0.05, "joint_n": 324}
+        return next(c for c in _cards(results) if c["label"] == "PIT-KS of the joint deviation")
+
+    assert card(0.05)["bad"] is False and card(0.05)["hint"].startswith("uniform")
+    assert card(0.16)["bad"] is True and card(0.16)["hint"].startswith("FAILS")

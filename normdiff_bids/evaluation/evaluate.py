@@ -133,6 +133,23 @@ def centile_curves(model, train: pd.DataFrame, covariate_columns: Sequence[str],
     return pd.concat(rows, ignore_index=True)
 
 
+def joint_calibration(model, holdout: pd.DataFrame) -> dict:
+    """Uniformity of the held-out rows' joint deviation centiles: KS distance to U(0, 1), its 5% critical
+    value for this many rows, and the shares above 0.95 and 0.99 (nominal 0.05 and 0.01)."""
+    from scipy import stats
+
+    scores = model.score(holdout.reset_index(drop=True))
+    key = "participant_id" if "participant_id" in scores.columns else "row"
+    joint = scores.groupby(key, sort=False)["joint_centile"].first().to_numpy(dtype=np.float64)
+    joint = joint[np.isfinite(joint)]
+    if len(joint) < 2:
+        return {}
+    return {"joint_pit_ks": float(stats.kstest(joint, "uniform").statistic),
+            "joint_pit_ks_critical": float(1.358 / np.sqrt(len(joint))),
+            "joint_share_95": float(np.mean(joint > 0.95)), "joint_share_99": float(np.mean(joint > 0.99)),
+            "joint_n": int(len(joint))}
+
+
 def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int = 200, seed: int = 0,
              idps: Sequence[str] | None = None, covariates: Sequence[str] | None = None,
              truth: pd.DataFrame | None = None, group_by: Sequence[str] = ("sex", "site"),
@@ -236,6 +253,8 @@ def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int =
 
     results = {**flat, "n_train": len(train), "n_samples": n_samples, "n_idps": len(idps),
                "score_seconds": score_seconds, "sample_seconds": sample_seconds}
+    if hasattr(model, "score") and len(idps) > 1:
+        results.update(joint_calibration(model, holdout[[*covariate_columns, *idps]]))
     results.update({
         "per_idp": per_idp,
         "groups": groups,

@@ -82,8 +82,18 @@ def _cards(results: dict) -> list[dict]:
                       "bad": err is not None and err > 0.03,
                       "hint": f"mean |ECP - 0.95| over IDPs: {_fmt(err)}"})
     if get("pit_ks") is not None:
-        cards.append({"label": "PIT-KS", "value": _fmt(get("pit_ks")), "bad": get("pit_ks") > 0.1,
-                      "hint": f"worst IDP {_fmt(get('pit_ks_max'))}; 0 = calibrated"})
+        bad = get("pit_ks") > 0.1
+        cards.append({"label": "PIT-KS per IDP", "value": _fmt(get("pit_ks")), "bad": bad,
+                      "hint": ("FAILS: per-IDP centiles are not uniform on held-out people; " if bad else "")
+                      + f"worst IDP {_fmt(get('pit_ks_max'))}; 0 = calibrated"})
+    if get("joint_pit_ks") is not None:
+        bad = get("joint_pit_ks") > get("joint_pit_ks_critical")
+        cards.append({"label": "PIT-KS of the joint deviation", "value": _fmt(get("joint_pit_ks")),
+                      "bad": bad,
+                      "hint": ("FAILS: held-out joint centiles are not uniform; " if bad else "uniform: ")
+                      + f"5% critical value {_fmt(get('joint_pit_ks_critical'))} at n = {get('joint_n')}; "
+                        f"above 0.95: {_fmt(get('joint_share_95'))} (nominal 0.05), above 0.99: "
+                        f"{_fmt(get('joint_share_99'))} (0.01)"})
     if get("ks_frac_reject") is not None:
         cards.append({"label": "KS tests rejected", "value": _fmt(get("ks_frac_reject")),
                       "bad": get("ks_frac_reject") > 0.1,
