@@ -1,12 +1,12 @@
 """New sites from a few controls: adapting a trained model to an unseen site. One table.
 
-Real data (``--real fcon1000.csv``): leave one site out, for every site with at least 40 people. Train
-on the other sites; adapt with k in {5, 10, 20} of the left-out site's people (several random draws of
-the k) and test on the rest of that site. Compared: no adaptation (the left-out site scored under the
-marginal over sites), ``NormativeDiffusion.adapt``, a refit from scratch on the other sites plus the k
-(first draw only: it costs a whole fit), and PCNtoolkit's BLR ``transfer`` on the same split (one BLAS
-thread). Synthetic (``--synthetic``): the same on a Zipf-sized 20-site cohort with exact truth, leaving
-out large sites, with mean |centile - truth| on the new site.
+Real data (``--real fcon1000.csv``): leave one site out, for every site with at least 40 people.
+Train on the other sites; adapt with k in {5, 10, 20} of the left-out site's people (several random
+draws of the k, each with both sexes) and test on the rest of that site. Compared: no adaptation (the
+left-out site scored under the marginal over sites), ``NormativeDiffusion.adapt``, a refit from
+scratch on the other sites plus the k (first draw only: it costs a whole fit), and PCNtoolkit's BLR
+``transfer`` on the same split (one BLAS thread). Synthetic (``--synthetic``): the same on a
+Zipf-sized 20-site cohort with exact truth, leaving out large sites, with mean |centile - truth|.
 
 Columns: |cov95 - 0.95|, PIT-KS and |mean z| (bias) on the adapted site's test people, averaged over
 sites and draws; mean |centile - truth| (synthetic); adaptation seconds.
@@ -91,6 +91,15 @@ def _pcn_transfer(train, jobs, idps, args) -> list[tuple[np.ndarray, float]]:
         return [(r["centiles"], float(r["adapt_s"])) for r in results]
 
 
+def _draw_order(rows: pd.DataFrame, rng) -> np.ndarray:
+    """A random order of the site's people in which the first two are one of each sex (where the site
+    has both): PCNtoolkit's transfer refuses to score a sex its adaptation set lacked."""
+    order = rng.permutation(len(rows))
+    sex = rows["sex"].astype(str).to_numpy()[order]
+    firsts = [int(np.flatnonzero(sex == level)[0]) for level in np.unique(sex)]
+    return np.concatenate([order[firsts], np.delete(order, firsts)])
+
+
 def leave_one_site_out(table: pd.DataFrame, idps, args, truth_fn=None) -> pd.DataFrame:
     records = []
     sizes = table["site"].value_counts()
@@ -101,7 +110,7 @@ def leave_one_site_out(table: pd.DataFrame, idps, args, truth_fn=None) -> pd.Dat
         jobs = []
         for k in args.ks:
             for draw in range(args.draws):
-                order = np.random.default_rng([args.seed, draw, k]).permutation(len(rows))
+                order = _draw_order(rows, np.random.default_rng([args.seed, draw, k]))
                 jobs.append((k, draw, rows.iloc[order[:k]], rows.iloc[order[k:]].reset_index(drop=True)))
         pcn = [None] * len(jobs)
         if "pcn" in args.methods:
