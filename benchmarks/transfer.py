@@ -71,7 +71,7 @@ def _pcn_transfer(train, jobs, idps, args) -> list[tuple[np.ndarray, float]]:
         work = Path(tmp)
         columns = [*COVARIATES, *idps]
         train[columns].to_csv(work / "train.csv", index=False)
-        jobs[0][1][columns].to_csv(work / "test.csv", index=False)
+        train[columns].head(20).to_csv(work / "test.csv", index=False)  # the worker scores a known site first
         for i, (adapt, test) in enumerate(jobs):
             adapt[columns].to_csv(work / f"transfer_{i}_adapt.csv", index=False)
             test[columns].to_csv(work / f"transfer_{i}_test.csv", index=False)
