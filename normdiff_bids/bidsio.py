@@ -15,20 +15,22 @@ from normdiff_bids.atomic import atomic_path, atomic_write_text
 __all__ = ["json_ready", "write_json", "write_tsv"]
 
 
-def json_ready(obj):
+def json_ready(obj, strict: bool = False):
     """``obj`` as plain JSON data: dicts (string keys), lists, str, int, float, bool, None.
 
     numpy scalars and arrays become Python ones, tuples and sets lists, non-finite floats ``None``,
-    DataFrames lists of records, objects with ``to_dict`` their dict, paths and anything else ``str``.
+    paths ``str``. Unless ``strict``, DataFrames become lists of records, objects with ``to_dict`` their
+    dict and anything else ``str``; ``strict`` (what a model bundle stores) refuses them with a
+    ``TypeError`` instead of writing something that cannot be read back as it was.
     """
     if obj is None or isinstance(obj, bool | str | int) and not isinstance(obj, np.generic):
         return obj
     if isinstance(obj, dict):
-        return {str(k): json_ready(v) for k, v in obj.items()}
+        return {str(k): json_ready(v, strict) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset):
-        return [json_ready(v) for v in obj]
+        return [json_ready(v, strict) for v in obj]
     if isinstance(obj, np.ndarray):
-        return json_ready(obj.tolist())
+        return json_ready(obj.tolist(), strict)
     if isinstance(obj, np.bool_):
         return bool(obj)
     if isinstance(obj, np.integer):
@@ -36,6 +38,10 @@ def json_ready(obj):
     if isinstance(obj, float | np.floating):
         value = float(obj)
         return value if math.isfinite(value) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if strict:
+        raise TypeError(f"cannot store a {type(obj).__name__} as JSON: {obj!r}")
     if hasattr(obj, "to_dict"):  # DataFrame (records) or a config/report object
         try:
             return json_ready(obj.to_dict(orient="records"))

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -26,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_directory
+from normdiff_bids.bidsio import json_ready
 from normdiff_bids.errors import NormdiffError
 
 FORMAT_NAME = "normdiff-bids-model"
@@ -60,8 +59,9 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta:
     # serialise first so that a metadata problem fails before anything is written; the checksums are
     # taken of exactly the bytes that are written
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta_text = json.dumps(json_ready({**header, **meta}, strict=True), indent=2, allow_nan=False) + "\n"
     contents = {
-        META_FILE: (json.dumps(_json_safe({**header, **meta}), indent=2, allow_nan=False) + "\n").encode(),
+        META_FILE: meta_text.encode(),
         WEIGHTS_FILE: save_safetensors(tensors),
     }
     manifest = {**header, "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -200,23 +200,3 @@ def _verified_bytes(path: Path, name: str, entry: dict) -> bytes:
             "bundle)" if name == META_FILE else "the weights are truncated, modified or corrupted")
     raise BundleError(f"{file} does not match the sha256 recorded in {path / MANIFEST_FILE} ({size}): "
                       f"{what}; restore the original model folder or {_REFIT}")
-
-
-def _json_safe(obj):
-    """Convert numpy scalars/arrays and tuples so that ``json.dumps`` writes plain JSON."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
