@@ -183,8 +183,10 @@ def format_table(results: list[tuple[Dataset, list[tuple[str, dict]], float]]) -
             cells = []
             for col in COLUMNS:
                 value = row.get(col)
-                text = f"{value:.0f}" if col.endswith(" s") else f"{value:.4f}"
-                cells.append("" if value is None else text)
+                if value is None:
+                    cells.append("")
+                else:
+                    cells.append(f"{value:.0f}" if col.endswith(" s") else f"{value:.4f}")
             lines.append(f"| {data.name} | {name} | " + " | ".join(cells) + " |")
         if data.truth is not None:
             lines.append(f"| {data.name} | (Monte Carlo floor of |c-truth|) | {floor:.4f} |"

@@ -4,8 +4,9 @@ Real data (``--real fcon1000.csv``): leave one site out, for every site with at 
 Train on the other sites; adapt with k in {5, 10, 20} of the left-out site's people (several random
 draws of the k, each with both sexes) and test on the rest of that site. Compared: no adaptation (the
 left-out site scored under the marginal over sites), ``NormativeDiffusion.adapt``, a refit from
-scratch on the other sites plus the k (first draw only: it costs a whole fit), and PCNtoolkit's BLR
-``transfer`` on the same split (one BLAS thread). Synthetic (``--synthetic``): the same on a
+scratch on the other sites plus the k (first draw only: it costs a whole fit), and PCNtoolkit's
+``transfer`` of its BLR with the sinh-arcsinh warp on the same split, with one BLAS thread (in
+PCNtoolkit 1.3 the BLR's ``transfer`` works only with a warp). Synthetic (``--synthetic``): the same on a
 Zipf-sized 20-site cohort with exact truth, leaving out large sites, with mean |centile - truth|.
 
 Columns: |cov95 - 0.95|, PIT-KS and |mean z| (bias) on the adapted site's test people, averaged over
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import COVARIATES, REAL_NON_IDPS, SMALL_REAL_IDPS  # noqa: E402
 
 MIN_SITE = 40
-METHODS = ("no adaptation", "ours: adapt", "ours: refit", "PCNtoolkit BLR transfer")
+METHODS = ("no adaptation", "ours: adapt", "ours: refit", "PCNtoolkit BLR + SHASH transfer")
 
 
 def _metrics(u: np.ndarray, truth: np.ndarray | None) -> dict:
@@ -77,7 +78,7 @@ def _pcn_transfer(train, jobs, idps, args) -> list[tuple[np.ndarray, float]]:
             test[columns].to_csv(work / f"transfer_{i}_test.csv", index=False)
         (work / "config.json").write_text(json.dumps({
             "idps": idps, "covariates": ["age"], "batch_effects": ["sex", "site"],
-            "quantile_levels": [0.5], "n_samples": 2, "seed": args.seed, "warp": None,
+            "quantile_levels": [0.5], "n_samples": 2, "seed": args.seed, "warp": "WarpSinhArcsinh",
             "n_iter": 200, "n_transfers": len(jobs)}))
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -130,7 +131,7 @@ def leave_one_site_out(table: pd.DataFrame, idps, args, truth_fn=None) -> pd.Dat
                 refit = _ours(pd.concat([train, adapt], ignore_index=True), idps, args)
                 out["ours: refit"] = (_centiles(refit, test, idps), time.perf_counter() - start)
             if pcn_result is not None:
-                out["PCNtoolkit BLR transfer"] = pcn_result
+                out["PCNtoolkit BLR + SHASH transfer"] = pcn_result
             for method, (u, secs) in out.items():
                 records.append({"site": site, "k": k, "draw": draw, "method": method, "adapt s": secs,
                                 **_metrics(u, truth)})

@@ -52,10 +52,6 @@ from normdiff_bids.scoring.joint import joint_scores
 
 __all__ = ["NormativeDiffusion", "load_model"]
 
-#: Unseen validation controls the joint calibration map needs before it prefers them to the
-#: cross-fitted controls (see ``NormativeDiffusion._fit_calibration``).
-MIN_UNSEEN_JOINT = 50
-
 
 def _sampler_names():
     from normdiff_bids.model.diffusion import SAMPLERS
@@ -404,29 +400,29 @@ class NormativeDiffusion:
     def _fit_calibration(self, space: ModelSpace, x, cont, cat) -> CentileCalibration:
         """The calibration layer.
 
-        Per-IDP maps: every reference control's out-of-fold residual (cross-fitting the location-scale
-        stage, which carries what a small sample gets wrong). Joint map: controls neither model part
-        has seen, as a new control is: the network's validation rows, with a stage fitted without them,
-        when there are at least :data:`MIN_UNSEEN_JOINT` of them; otherwise the out-of-fold controls.
-        The joint statistic sums D squared deviations, so it is far more sensitive than one centile to
-        the network having seen a row (synthetic N=500, D=100: the training rows' median joint centile
-        is 0.1, out-of-fold 0.5, unseen controls' 0.7), while a map from a few dozen rows is noisy
-        (N=200: 20 unseen rows gave a held-out joint KS of 0.19, the out-of-fold rows 0.08).
+        Per-IDP maps and the joint map: every reference control's out-of-fold residual (cross-fitting
+        the location-scale stage, which carries what a small sample gets wrong). The joint map is then
+        checked on controls no part of the model has seen (the network's validation rows, with a stage
+        fitted without them) and corrected where they disagree beyond chance. The joint statistic sums
+        D squared deviations, so it is far more sensitive than one centile to the network having seen a
+        row (synthetic N=500, D=100: median joint centile 0.1 for training rows, 0.5 out of fold, 0.7
+        for unseen controls), while a map from a few dozen unseen rows alone is noisy (N=200, D=20: 20
+        unseen rows gave a held-out joint KS of 0.19, the out-of-fold rows 0.08).
         """
         inputs = space.stage_inputs(cont, cat)
         missing = np.zeros(len(x), dtype=bool)
-        unseen, seen = validation_split(len(x), self.validation_fraction, int(self.seed))
         residuals = crossfit_residuals(self.stage_, *inputs, x, seed=int(self.seed))
-        crossfit = self._score_model_space(residuals, cont, cat, missing,
-                                           with_joint=len(unseen) < MIN_UNSEEN_JOINT)
-        joint = crossfit["joint_centile"]
-        if len(unseen) >= MIN_UNSEEN_JOINT:
+        crossfit = self._score_model_space(residuals, cont, cat, missing, with_joint=True)
+        unseen, seen = validation_split(len(x), self.validation_fraction, int(self.seed))
+        checked = None
+        if len(unseen):
             part = LocationScaleStage(self.stage_.config).fit(
                 *(a[seen] for a in inputs), x[seen], n_sites=self.stage_.n_sites_)
             held = part.standardise(*(a[unseen] for a in inputs), x[unseen])
-            joint = self._score_model_space(held, cont[unseen], cat[unseen], missing[unseen],
-                                            with_joint=True)["joint_centile"]
-        return CentileCalibration.fit(crossfit["centiles"], inputs[2], joint)
+            checked = self._score_model_space(held, cont[unseen], cat[unseen], missing[unseen],
+                                              with_joint=True)["joint_centile"]
+        return CentileCalibration.fit(crossfit["centiles"], inputs[2], crossfit["joint_centile"],
+                                      joint_unseen=checked)
 
     def _select_idps(self, table, idps, covariates) -> list[str]:
         problems = ProblemCollector()

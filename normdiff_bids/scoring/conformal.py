@@ -84,6 +84,26 @@ class ProbitMap:
         u = np.clip(np.asarray(centiles, dtype=np.float64), CENTILE_FLOOR, 1 - CENTILE_FLOOR)
         return np.clip(ndtr(self.inverse_z(ndtri(u))), CENTILE_FLOOR, 1 - CENTILE_FLOOR)
 
+    def corrected(self, held_out: np.ndarray) -> ProbitMap:
+        """This map, followed by an affine correction in probit space learnt from ``held_out`` centiles
+        (of data this map was not learnt from) where they show a shift or spread that chance does not
+        explain (beyond 2 standard errors); otherwise this map unchanged.
+
+        It lets a map learnt from many slightly biased values be checked and corrected by a few unbiased
+        ones without taking on all of their noise.
+        """
+        u = np.asarray(held_out, dtype=np.float64).ravel()
+        u = u[np.isfinite(u)]
+        if len(u) < MIN_VALUES:
+            return self
+        z = self.transform_z(ndtri(np.clip(u, CENTILE_FLOOR, 1 - CENTILE_FLOOR)))
+        shift, spread = float(z.mean()), float(z.std(ddof=1))
+        shifted = abs(shift) > 2.0 / np.sqrt(len(z))
+        spread_off = abs(np.log(spread)) > 2.0 * np.sqrt(1.0 / (2 * (len(z) - 1)))
+        if not (shifted or spread_off):
+            return self
+        return ProbitMap(self.x, (self.y - shift) / spread)
+
     @property
     def is_identity(self) -> bool:
         return bool(np.allclose(self.x, self.y))
@@ -117,13 +137,19 @@ class CentileCalibration:
 
     @classmethod
     def fit(cls, centiles: np.ndarray, sites: np.ndarray, joint_centiles: np.ndarray | None = None,
-            min_site_controls: int = MIN_SITE_CONTROLS) -> CentileCalibration:
+            min_site_controls: int = MIN_SITE_CONTROLS,
+            joint_unseen: np.ndarray | None = None) -> CentileCalibration:
+        """Maps from held-out ``centiles [n, D]`` of controls at ``sites [n]`` and their joint centiles;
+        ``joint_unseen``: joint centiles of controls no part of the model has seen, which check (and
+        where they disagree beyond chance, correct) the joint map (:meth:`ProbitMap.corrected`)."""
         centiles = np.asarray(centiles, dtype=np.float64)
         sites = np.asarray(sites, dtype=np.int64).reshape(-1)
         counts = {int(s): int((sites == s).sum()) for s in np.unique(sites)}
         own = {s: ProbitMap.fit(centiles[sites == s]) for s, n in counts.items()
                if n >= min_site_controls and s >= 0}
         joint = ProbitMap.fit(joint_centiles) if joint_centiles is not None else ProbitMap()
+        if joint_unseen is not None:
+            joint = joint.corrected(joint_unseen)
         return cls(ProbitMap.fit(centiles), own, joint, len(centiles), counts)
 
     def _map_rows(self, sites: np.ndarray):
