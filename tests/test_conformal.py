@@ -49,3 +49,16 @@ def test_layer_uses_site_maps_where_there_are_enough_controls_and_round_trips():
     codes = np.array([0, 1] * 5)
     np.testing.assert_array_equal(cal.transform(u, codes), again.transform(u, codes))
     np.testing.assert_allclose(cal.inverse(cal.transform(u, codes), codes), u, atol=1e-10)
+
+
+def test_a_biased_map_is_corrected_by_unseen_values_only_beyond_chance():
+    rng = np.random.default_rng(3)
+    mapping = ProbitMap.fit(rng.uniform(size=2000))
+    # unseen controls that are systematically more extreme than the map expects: corrected
+    biased = stats.norm.cdf(0.8 + 1.3 * rng.standard_normal(100))
+    fixed = mapping.corrected(biased)
+    new = stats.norm.cdf(0.8 + 1.3 * rng.standard_normal(5000))
+    assert _ks(fixed.transform(new)) < 0.05 < _ks(mapping.transform(new))
+    # unseen controls consistent with the map, or too few to tell: the map is kept
+    assert mapping.corrected(rng.uniform(size=100)) is mapping
+    assert mapping.corrected(biased[:10]) is mapping

@@ -33,6 +33,10 @@ VALUES_PER_KNOT = 25
 MAX_KNOTS = 99
 #: Fewest held-out values a map is learnt from (20 give a near-affine map in probit space).
 MIN_VALUES = 20
+#: Fewest unseen values that may correct a map (:meth:`ProbitMap.corrected`): on the synthetic regime
+#: cohorts 20 unseen controls corrected by noise (held-out joint KS 0.08 -> 0.14 at N=200), 50 and 100
+#: corrected real bias (0.17 -> 0.05 at N=500, D=100; 0.07 -> 0.04 at N=1000, D=20).
+MIN_CHECK_VALUES = 40
 
 
 class ProbitMap:
@@ -94,7 +98,7 @@ class ProbitMap:
         """
         u = np.asarray(held_out, dtype=np.float64).ravel()
         u = u[np.isfinite(u)]
-        if len(u) < MIN_VALUES:
+        if len(u) < MIN_CHECK_VALUES:
             return self
         z = self.transform_z(ndtri(np.clip(u, CENTILE_FLOOR, 1 - CENTILE_FLOOR)))
         shift, spread = float(z.mean()), float(z.std(ddof=1))
