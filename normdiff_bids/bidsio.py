@@ -8,11 +8,9 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
+from normdiff_bids.atomic import atomic_write_text
 
-from normdiff_bids.atomic import atomic_path, atomic_write_text
-
-__all__ = ["json_ready", "write_json", "write_tsv"]
+__all__ = ["json_ready", "json_text", "tsv_text", "write_json", "write_tsv"]
 
 
 def json_ready(obj, strict: bool = False):
@@ -23,6 +21,8 @@ def json_ready(obj, strict: bool = False):
     dict and anything else ``str``; ``strict`` (what a model bundle stores) refuses them with a
     ``TypeError`` instead of writing something that cannot be read back as it was.
     """
+    import numpy as np  # here, not at the top: the output-folder checks import this module without numpy
+
     if obj is None or isinstance(obj, bool | str | int) and not isinstance(obj, np.generic):
         return obj
     if isinstance(obj, dict):
@@ -52,20 +52,27 @@ def json_ready(obj, strict: bool = False):
     return str(obj)
 
 
-def write_json(path: str | os.PathLike, data, indent: int = 2) -> Path:
-    """Write ``json_ready(data)`` as JSON (strict: no NaN), atomically; return the path."""
-    atomic_write_text(path, json.dumps(json_ready(data), indent=indent, allow_nan=False) + "\n")
-    return Path(path)
+def json_text(data, indent: int | None = 2, ensure_ascii: bool = True) -> str:
+    """``json_ready(data)`` as JSON text (strict: no NaN), ending in a newline."""
+    return json.dumps(json_ready(data), indent=indent, ensure_ascii=ensure_ascii, allow_nan=False) + "\n"
 
 
-def write_tsv(table, path: str | os.PathLike, float_format: str | None = "%.17g") -> Path:
-    """Write a DataFrame tab-separated, ``n/a`` for missing, booleans as ``true``/``false``, atomically."""
+def write_json(path: str | os.PathLike, data, indent: int = 2, ensure_ascii: bool = True) -> Path:
+    """Write :func:`json_text` of ``data`` atomically; return the path."""
+    return atomic_write_text(path, json_text(data, indent=indent, ensure_ascii=ensure_ascii))
+
+
+def tsv_text(table, float_format: str | None = "%.17g") -> str:
+    """A DataFrame as BIDS TSV text: ``n/a`` for missing, booleans as ``true``/``false``, ``\\n`` lines."""
     import pandas as pd
 
     out = table.copy()
     for col in out.columns:
         if pd.api.types.is_bool_dtype(out[col]):
             out[col] = out[col].map({True: "true", False: "false"}, na_action="ignore").astype("object")
-    with atomic_path(path) as tmp:
-        out.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n", float_format=float_format)
-    return Path(path)
+    return out.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n", float_format=float_format)
+
+
+def write_tsv(table, path: str | os.PathLike, float_format: str | None = "%.17g") -> Path:
+    """Write :func:`tsv_text` of ``table`` atomically; return the path."""
+    return atomic_write_text(path, tsv_text(table, float_format))

@@ -32,3 +32,40 @@ def freesurfer_reference(reference_dir) -> Path:
     if not path.is_dir():
         pytest.skip(f"FreeSurfer reference stats not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the module: tiny networks run fastest (and most predictably on a shared
+    machine) that way."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    """A small synthetic cohort with known centiles (3 IDPs, 2 sites); modules that need another size
+    define their own ``cohort``."""
+    from normdiff_bids.data.synthetic import SyntheticCohort
+
+    return SyntheticCohort(n_idps=3, n_sites=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def bids(tmp_path_factory):
+    """The shared synthetic BIDS dataset of the end-to-end tests (see ``product_helpers``)."""
+    from product_helpers import synthetic_bids
+
+    return synthetic_bids(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def group_out(tmp_path_factory):
+    """The shared output folder after one tiny ``group`` run (read it, do not change it)."""
+    from product_helpers import group_output
+
+    return group_output(tmp_path_factory)

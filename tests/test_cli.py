@@ -14,22 +14,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from product_helpers import IDPS, TINY_ARGS, group_output, snapshot, synthetic_bids
+from product_helpers import IDPS, TINY_ARGS, snapshot
 
 from normdiff_bids import __version__
 from normdiff_bids.cli.parser import build_parser
 from normdiff_bids.cli.run import main
 from normdiff_bids.outputs.tables import read_scores_table
-
-
-@pytest.fixture(scope="module")
-def bids(tmp_path_factory):
-    return synthetic_bids(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def group_out(tmp_path_factory):
-    return group_output(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,25 +13,13 @@ import pytest
 from product_helpers import (
     TINY_ARGS,
     copy_bids,
-    group_output,
     make_read_only,
     rewrite_participants,
     snapshot,
-    synthetic_bids,
 )
 
 from normdiff_bids.cli.run import NodeError, main, run_workflow
 from normdiff_bids.errors import OutputError
-
-
-@pytest.fixture(scope="module")
-def bids(tmp_path_factory):
-    return synthetic_bids(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def group_out(tmp_path_factory):
-    return group_output(tmp_path_factory)
 
 
 @pytest.fixture

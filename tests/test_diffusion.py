@@ -229,15 +229,6 @@ def test_training_loss_is_reproducible_and_minimised_by_the_exact_denoiser(overr
     assert worse > loss
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks run fastest single-threaded, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_short_training_run_learns_a_gaussian(one_thread):
     # A tiny conditional network trained for a few hundred steps on N(MU, SD^2) samples its mean and

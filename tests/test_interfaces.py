@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from nipype.interfaces.utility import Function
 from nipype.pipeline import engine as pe
-from product_helpers import IDPS, TINY_MODEL, synthetic_bids
+from product_helpers import IDPS, TINY_MODEL
 
 from normdiff_bids.errors import InputError
 from normdiff_bids.interfaces import (
@@ -74,11 +74,6 @@ def _run(wf, plugin):
     wf.config["execution"].update({"poll_sleep_duration": 0.05, "remove_unnecessary_outputs": False})
     graph = wf.run(plugin=plugin, plugin_args=args)
     return {node.name: node.result.outputs for node in graph.nodes()}
-
-
-@pytest.fixture(scope="module")
-def bids(tmp_path_factory):
-    return synthetic_bids(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from model_helpers import centile_errors
 from scipy.special import ndtri
 
 from normdiff_bids import NormativeDiffusion, load_model
-from normdiff_bids.data.synthetic import SyntheticCohort
 from normdiff_bids.errors import InputError
 from normdiff_bids.model.bundle import BundleError
 from normdiff_bids.model.normative import _POINT_CACHE
@@ -24,18 +23,7 @@ SCORE_COLUMNS = ["participant_id", "idp", "value", "centile", "z", "tail", "extr
                  "joint_centile", "joint_z"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny networks run fastest (and most predictably on a shared machine) on one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cohort():
-    return SyntheticCohort(n_idps=3, n_sites=2, seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

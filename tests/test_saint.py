@@ -15,13 +15,7 @@ from normdiff_bids.model.saint import PAPER_EPOCHS, SAINT, SAINT_LR, SAINTConfig
 TINY = {"d_model": 16, "n_blocks": 2, "n_heads": 2, "time_embedding_dim": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny networks run fastest (and most predictably on a shared machine) on one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_net(n_features=5, cond_dim=3, seed=0, **overrides):
@@ -197,13 +191,6 @@ def test_registry_resolves_saint_and_its_cost_is_measured_against_the_mlp():
 
 
 # ---------------------------------------------------------------------------- through the estimator
-@pytest.fixture(scope="module")
-def cohort():
-    from normdiff_bids.data.synthetic import SyntheticCohort
-
-    return SyntheticCohort(n_idps=3, n_sites=2, seed=0)
-
-
 def test_estimator_with_saint_saves_and_loads_to_identical_scores(cohort, tmp_path):
     from normdiff_bids import NormativeDiffusion, load_model
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from product_helpers import TINY_MODEL, group_output, snapshot, synthetic_bids
+from product_helpers import TINY_MODEL, snapshot
 
 from normdiff_bids.outputs.tables import read_scores_table
 
@@ -25,16 +25,6 @@ def _load(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def bids(tmp_path_factory):
-    return synthetic_bids(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def group_out(tmp_path_factory):
-    return group_output(tmp_path_factory)
 
 
 @pytest.mark.slow

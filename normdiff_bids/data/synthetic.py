@@ -22,6 +22,7 @@ from scipy.special import ndtr, ndtri
 
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_directory
+from normdiff_bids.bidsio import json_text, tsv_text
 from normdiff_bids.data.atlases import (
     ASEG_LABELS,
     DK_CTAB,
@@ -1085,9 +1086,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
+    _write_text(path, json_text(obj))
 
 
 def _write_tsv(path: Path, table: pd.DataFrame, float_format: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format=float_format, lineterminator="\n")
+    _write_text(path, tsv_text(table, float_format))

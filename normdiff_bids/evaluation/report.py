@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from importlib.resources import files
 
-import jinja2
 import numpy as np
 import pandas as pd
 
 from normdiff_bids import __version__
 from normdiff_bids.evaluation.figures import data_uri
+from normdiff_bids.templating import render
 
 _FIGURE_CAPTIONS = [
     ("centile_curves", ("Centile curves", "Model centiles over age for each sex at the most common site; "
@@ -128,17 +127,14 @@ def render_calibration_report(results: dict, figures: dict[str, bytes] | None = 
     so the page is one self-contained file. ``standalone=False`` returns a fragment (a single ``<div>``
     with scoped styles) for embedding in another report; mark it safe there (``markupsafe.Markup``).
     """
-    source = (files("normdiff_bids.outputs") / "templates" / "calibration_report.html").read_text("utf-8")
-    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True,
-                             undefined=jinja2.StrictUndefined)
-    template = env.from_string(source)
     figures = figures or {}
     per_idp = results.get("per_idp", pd.DataFrame())
     if "ace" in per_idp:
         per_idp = per_idp.sort_values("ace", ascending=False)
     min_rows = results.get("config", {}).get("min_group_rows")
     groups = [(name, _table(table, _GROUP_COLUMNS)) for name, table in results.get("groups", {}).items()]
-    return template.render(
+    return render(
+        "calibration_report.html",
         standalone=standalone,
         title=title,
         version=__version__,

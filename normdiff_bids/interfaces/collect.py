@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from nipype.interfaces.base import (
@@ -16,7 +15,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from normdiff_bids.atomic import atomic_write_text
+from normdiff_bids.bidsio import write_json
 from normdiff_bids.interfaces.tables import write_table
 
 
@@ -76,24 +75,7 @@ class CollectIDPs(SimpleInterface):
             site_column=None if self.inputs.site_column is Undefined else self.inputs.site_column,
         )
         self._results["idp_table"] = write_table(table, os.path.join(runtime.cwd, "idps.tsv"))
-        self._results["report"] = atomic_write_text(
-            os.path.join(runtime.cwd, "collect_report.json"), json.dumps(_jsonable(report), indent=2) + "\n")
-        self._results["report"] = os.fspath(self._results["report"])
+        report_path = write_json(os.path.join(runtime.cwd, "collect_report.json"), report)
+        self._results["report"] = os.fspath(report_path)
         return runtime
 
-
-def _jsonable(report):
-    """The collection report as JSON-ready data (it may be a dict, a DataFrame or an object)."""
-    import pandas as pd
-
-    if isinstance(report, pd.DataFrame):
-        return json.loads(report.to_json(orient="records"))
-    if hasattr(report, "to_dict"):
-        return _jsonable(report.to_dict())
-    if isinstance(report, dict):
-        return {str(k): _jsonable(v) for k, v in report.items()}
-    if isinstance(report, list | tuple | set):
-        return [_jsonable(v) for v in report]
-    if isinstance(report, str | int | float | bool) or report is None:
-        return report
-    return str(report)

@@ -7,7 +7,6 @@ are shared between jobs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -126,7 +125,8 @@ class InstallModel(SimpleInterface):
     _always_run = True
 
     def _run_interface(self, runtime):
-        from normdiff_bids.atomic import atomic_directory, atomic_write_text
+        from normdiff_bids.atomic import atomic_directory
+        from normdiff_bids.bidsio import write_json
         from normdiff_bids.model.normative import load_model
         from normdiff_bids.outputs import names
         from normdiff_bids.outputs.dataset import output_lock
@@ -146,7 +146,7 @@ class InstallModel(SimpleInterface):
                     for item in source.iterdir():
                         shutil.copy2(item, tmp / item.name)
             card = output_dir / names.model_card_path(self.inputs.model_name)
-            atomic_write_text(card, json.dumps(model.model_card(), indent=2, default=str) + "\n")
+            write_json(card, model.model_card())
         self._results["model_dir"] = os.fspath(dest)
         self._results["model_card"] = os.fspath(card)
         return runtime

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_write_text
+from normdiff_bids.bidsio import json_ready, write_json
 from normdiff_bids.errors import OutputError
 from normdiff_bids.outputs import names
 
@@ -203,7 +204,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, bids_dir: str | os.PathLik
         current = _read_json(description) if description.exists() else None
         merged = _merge_description(current, fresh) if isinstance(current, dict) else fresh
         if merged != current:
-            atomic_write_text(description, json.dumps(merged, indent=2) + "\n")
+            write_json(description, merged)
         _merge_bidsignore(out / ".bidsignore")
         readme = out / "README.md"
         if not readme.exists():
@@ -314,7 +315,7 @@ def write_model_card(output_dir: str | os.PathLike, card: Mapping, name: str = "
     output_dir = Path(output_dir)
     json_path = output_dir / names.model_card_path(name, ".json")
     md_path = output_dir / names.model_card_path(name, ".md")
-    atomic_write_text(json_path, json.dumps(dict(card), indent=2, default=str) + "\n")
+    write_json(json_path, dict(card))
     lines = [f"# Model card: {name}", ""]
     lines += _markdown_rows(card)
     atomic_write_text(md_path, "\n".join(lines) + "\n")
@@ -329,6 +330,6 @@ def _markdown_rows(card: Mapping, prefix: str = "") -> list[str]:
         elif isinstance(value, list) and len(value) > 12:
             rows.append(f"- **{prefix}{key}**: {len(value)} items: {', '.join(map(str, value[:8]))}, ...")
         else:
-            text = json.dumps(value, default=str) if isinstance(value, Mapping | list) else str(value)
+            text = json.dumps(json_ready(value)) if isinstance(value, Mapping | list) else str(value)
             rows.append(f"- **{prefix}{key}**: {text}")
     return rows

@@ -15,7 +15,6 @@ value was missing) are NaN, not 0: z = 0 means "exactly at the median", which an
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -25,7 +24,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from normdiff_bids.atomic import atomic_write_bytes, atomic_write_text
+from normdiff_bids.atomic import atomic_write_bytes
+from normdiff_bids.bidsio import write_json
 from normdiff_bids.data.atlases import DK_REGIONS
 from normdiff_bids.errors import InputError
 from normdiff_bids.outputs import names
@@ -118,11 +118,11 @@ def write_deviation_map(scores_row, aparc_aseg_path: str | os.PathLike, out_path
         "Background": "NaN: voxels outside every scored region (z = 0 would mean 'at the median')"
                       if np.isnan(background) else f"{background}: voxels outside every scored region",
         "Sources": [Path(aparc_aseg_path).resolve().as_uri()],
-        "Regions": {idp: {"label": int(label), "z": _json_float(z[idp]), "voxels": _count(counts, label)}
+        "Regions": {idp: {"label": int(label), "z": z[idp], "voxels": _count(counts, label)}
                     for idp, label in regions.items()},
         "RegionsNotInLabelVolume": sorted(idp for idp, label in regions.items() if not _count(counts, label)),
     }
-    atomic_write_text(_sidecar_path(out_path), json.dumps(sidecar, indent=2) + "\n")
+    write_json(_sidecar_path(out_path), sidecar)  # a NaN z (region not scored) is written as null
     return out_path
 
 
@@ -141,10 +141,6 @@ def _sidecar_path(path: Path) -> Path:
 
 def _count(counts: np.ndarray, label: int) -> int:
     return int(counts[label]) if label < counts.size else 0
-
-
-def _json_float(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """HTML reports: one per subject[/session] (``sub-<label>[_ses-<label>].html``) and one for the group.
 
 Reports are single self-contained files (figures embedded as base64 PNG, styles inline, no scripts, no
-external URLs), rendered from the jinja2 templates in ``outputs/templates/`` with autoescaping on.
+external URLs), rendered from the jinja2 templates in ``outputs/templates/`` with autoescaping on
+(:mod:`normdiff_bids.templating`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import jinja2
 import numpy as np
 import pandas as pd
 from markupsafe import Markup
@@ -23,33 +23,10 @@ from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.outputs import figures, names
 from normdiff_bids.outputs.regions import describe_idp
 from normdiff_bids.outputs.tables import covariate_columns, idps_of_wide, scores_to_wide
+from normdiff_bids.templating import render
 
 #: Centiles drawn on the centile curves (the 0.5/99.5 and 2.5/97.5 bands match the |z| flags).
 CURVE_QUANTILES: tuple[float, ...] = (0.005, 0.025, 0.25, 0.5, 0.75, 0.975, 0.995)
-
-_TEMPLATES = Path(__file__).with_name("templates")
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = _fmt
-    env.filters["pct"] = lambda v: "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}%"
-    return env
-
-
-def _fmt(value, digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool | np.bool_):
-        return "yes" if value else "no"
-    if isinstance(value, float | np.floating):
-        if not np.isfinite(value):
-            return "n/a"
-        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
-    if value is pd.NA:
-        return "n/a"
-    return str(value)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -210,7 +187,7 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
         "slices_uri": slices_uri, "slices_note": slices_note,
         "files": listed,
     }
-    return _environment().get_template("subject_report.html").render(**context)
+    return render("subject_report.html", **context)
 
 
 def _map_slices(maps: Mapping[str, str | os.PathLike], label_volume) -> tuple[str | None, str | None]:
@@ -353,7 +330,7 @@ def render_group_report(scores: pd.DataFrame, *, model_card: Mapping | None = No
         "top": top.to_dict(orient="records"),
         "subject_reports": list(map(str, subject_reports)),
     }
-    return _environment().get_template("group_report.html").render(**context)
+    return render("group_report.html", **context)
 
 
 def write_group_report(output_dir: str | os.PathLike, scores: pd.DataFrame, **kwargs) -> Path:

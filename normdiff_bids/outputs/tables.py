@@ -8,7 +8,6 @@ Per-subject files hold that subject's tidy rows; group tables are BIDS phenotype
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normdiff_bids.atomic import atomic_path, atomic_write_text
+from normdiff_bids import bidsio
 from normdiff_bids.conventions import ROW_ID_COLUMNS
 from normdiff_bids.outputs import names
 from normdiff_bids.outputs.dataset import output_lock
@@ -276,26 +275,14 @@ def _covariate(col: str, series: pd.Series) -> dict:
 # writing and reading
 # -------------------------------------------------------------------------------------------------------
 
-def _format_for_tsv(table: pd.DataFrame) -> pd.DataFrame:
-    out = table.copy()
-    for col in out.columns:
-        if pd.api.types.is_bool_dtype(out[col]):
-            out[col] = out[col].map({True: "true", False: "false"}, na_action="ignore").astype("object")
-    return out
-
-
 def write_tsv(table: pd.DataFrame, path: str | os.PathLike, sidecar: Mapping) -> tuple[Path, Path]:
     """Write ``table`` (tab-separated, ``n/a`` for missing, booleans as true/false) and its JSON sidecar."""
     path = Path(path)
     undocumented = [c for c in table.columns if c not in sidecar]
     if undocumented:
         raise ValueError(f"the sidecar of {path.name} does not describe the columns {undocumented}")
-    with atomic_path(path) as tmp:
-        _format_for_tsv(table).to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n",
-                                      float_format="%.10g")
-    json_path = path.with_suffix(".json")
-    atomic_write_text(json_path, json.dumps(dict(sidecar), indent=2, ensure_ascii=False) + "\n")
-    return path, json_path
+    bidsio.write_tsv(table, path, float_format="%.10g")
+    return path, bidsio.write_json(path.with_suffix(".json"), dict(sidecar), ensure_ascii=False)
 
 
 def read_scores_table(path: str | os.PathLike) -> pd.DataFrame:
