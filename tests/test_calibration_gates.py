@@ -81,4 +81,4 @@ def test_held_out_joint_centiles_are_uniform_and_detect_a_deviant_profile(fitted
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         shifted = model.score(moved).groupby("participant_id")["joint_centile"].first()
-    assert float(np.mean(shifted > 0.95)) > 0.3
+    assert float(np.mean(shifted > 0.95)) > 0.2   # nominal 0.05
