@@ -110,16 +110,21 @@ def test_participants_tsv_without_age(capsys, bids, tmp_path_factory, tmp_path):
     assert "participants.tsv" in message and "age" in message
 
 
-def test_non_numeric_age(capsys, out, tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("column, value, expected", [
+    ("age", "forty", ["forty", "participants.tsv"]),      # a non-numeric age
+    ("sex", "X", ["'X'", "sex"]),                          # a sex outside the model's levels
+])
+def test_bad_covariate_value_of_one_participant(capsys, out, tmp_path_factory, tmp_path, column, value,
+                                                expected):
     damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
 
-    def forty(table):
-        table.loc[table["participant_id"] == "sub-004", "age"] = "forty"
+    def edit(table):
+        table.loc[table["participant_id"] == "sub-004", column] = value
         return table
 
-    rewrite_participants(damaged, forty)
+    rewrite_participants(damaged, edit)
     message = refused(capsys, participant(damaged, out, "--participant-label", "004"), out)
-    assert "forty" in message and "participants.tsv" in message
+    assert all(text in message for text in expected)
 
 
 def test_unseen_site(capsys, out, tmp_path_factory, tmp_path):
@@ -335,18 +340,6 @@ def test_empty_freesurfer_subject_folder(capsys, out, tmp_path_factory, tmp_path
     subject.mkdir()
     message = refused(capsys, participant(damaged, out, "--participant-label", "005"), out)
     assert "sub-005" in message and "stats" in message
-
-
-def test_sex_outside_the_models_levels(capsys, out, tmp_path_factory, tmp_path):
-    damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
-
-    def other(table):
-        table.loc[table["participant_id"] == "sub-004", "sex"] = "X"
-        return table
-
-    rewrite_participants(damaged, other)
-    message = refused(capsys, participant(damaged, out, "--participant-label", "004"), out)
-    assert "'X'" in message and "sex" in message
 
 
 def test_participants_tsv_with_byte_order_mark_and_crlf_is_read(capsys, out, tmp_path_factory, tmp_path):
