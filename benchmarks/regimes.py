@@ -132,18 +132,21 @@ def run_ours(data: Dataset, args, **params) -> list[tuple[str, dict]]:
     fit_s = time.perf_counter() - start
     label = "ours" if params.get("location_scale", "pooled") != "off" else "ours, site embedding"
     rows = []
+    test = data.test
+    if "participant_id" not in test.columns:  # fcon1000 names its people sub_id
+        test = test.assign(participant_id=[f"row{i}" for i in range(len(test))])
     settings = ["conformal", "off"] if getattr(model, "calibration_", None) is not None else ["off"]
     for calibration in settings:
         model.set_params(calibration=calibration)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scores = model.score(data.test[["participant_id", *COVARIATES, *data.idps]])
+            scores = model.score(test[["participant_id", *COVARIATES, *data.idps]])
         score_s = time.perf_counter() - start
         wide = scores.pivot(index="participant_id", columns="idp", values="centile")
-        wide = wide.loc[data.test["participant_id"], data.idps].to_numpy()
+        wide = wide.loc[test["participant_id"], data.idps].to_numpy()
         joint = scores.groupby("participant_id", sort=False)["joint_centile"].first()
-        joint = joint.loc[data.test["participant_id"]].to_numpy()
+        joint = joint.loc[test["participant_id"]].to_numpy()
         row = metrics(data, wide, joint)
         row.update({"fit s": fit_s, "score s": score_s})
         rows.append((label if calibration == "conformal" or len(settings) == 1
