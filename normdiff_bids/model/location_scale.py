@@ -28,6 +28,11 @@ SITE_UNKNOWN = -1
 #: variance, which makes log r^2 a regression target with a known noise level.
 _LOG_CHI2_MEAN = float(special.digamma(0.5) + np.log(2.0))
 _LOG_CHI2_VAR = float(np.pi**2 / 2)
+#: Bounds of the log residual variance (IDPs are standardised first, so their variance is about 1): an
+#: IDP that is often exactly 0 or constant within a site cannot drive the weights to 0 or infinity.
+LOGVAR_RANGE = (np.log(1e-6), np.log(1e2))
+#: Largest Fisher-scoring step of the log-variance per row (the working response's r^2 / var - 1).
+MAX_WORKING_STEP = 20.0
 #: Smallest prior variance of a new site's location effect (as a share of the residual variance) and of
 #: its log-variance effect, in :meth:`LocationScaleStage.site_effects`.
 NEW_SITE_PRIOR = (0.25, 0.09)
@@ -113,13 +118,14 @@ class LocationScaleStage:
                 # start from the regression of log r^2 (robust to any start), then Fisher scoring of the
                 # normal likelihood of the log-variance (a gamma GLM with log link): working response
                 # eta + (r^2 / var - 1), whose noise variance is 2 instead of log chi^2's 4.9
-                target = np.log(resid**2 + 1e-10) - _LOG_CHI2_MEAN
+                target = np.maximum(np.log(resid**2 + 1e-10) - _LOG_CHI2_MEAN, LOGVAR_RANGE[0])
                 weights, scale = w_log, _LOG_CHI2_VAR
             else:
-                target = logvar + (resid**2 / var - 1.0)
+                # capped: a residual of 0 (an IDP with many zeros) or of 50 SD must not throw a step
+                target = logvar + np.clip(resid**2 / var - 1.0, -1.0, MAX_WORKING_STEP)
                 weights, scale = np.full((n, d), 0.5), 2.0
             gamma, v, omega2, _ = _mixed_model(F, Z, target, weights, pen * scale, cfg.em_iter)
-            logvar = F @ gamma + Z @ v
+            logvar = np.clip(F @ gamma + Z @ v, *LOGVAR_RANGE)
             var = np.exp(logvar)
         # log r^2 is biased for non-normal residuals: put the residual variance at exactly 1
         ratio = np.mean(resid**2 / var, axis=0)
@@ -142,7 +148,7 @@ class LocationScaleStage:
         F = self._fixed_design(cont, fixed)
         Z = _site_dummies(site, self.n_sites_)
         loc = F @ self.beta_ + Z @ self.u_
-        logvar = F @ self.gamma_ + Z @ self.v_
+        logvar = np.clip(F @ self.gamma_ + Z @ self.v_, *LOGVAR_RANGE)
         # a site's location is known only up to its posterior variance (large for a site of 3 people)
         var = np.exp(logvar) + Z @ self.u_var_
         if marginal:
@@ -175,7 +181,7 @@ class LocationScaleStage:
         fixed = np.asarray(fixed, dtype=np.int64).reshape(len(y), -1)
         F = self._fixed_design(cont, fixed)
         y = np.asarray(y, dtype=np.float64)
-        base_var = np.exp(F @ self.gamma_)
+        base_var = np.exp(np.clip(F @ self.gamma_, *LOGVAR_RANGE))
         resid = y - F @ self.beta_
         # A new scanner may differ from the training sites more than they differ from each other, so
         # its prior is never narrower than a quarter of the IDP's residual variance (and a log-variance
