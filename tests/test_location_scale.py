@@ -90,3 +90,15 @@ def test_state_round_trips_exactly(truth):
     a, b = stage.location_scale(age, sex, site), again.location_scale(age, sex, site)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_an_idp_that_is_mostly_zero_keeps_the_fit_finite(truth):
+    shifts, log_sd = truth
+    age, sex, site, y, _, _ = _cohort(600, 7, shifts, log_sd)
+    rng = np.random.default_rng(8)
+    lesions = np.where(rng.random(len(y)) < 0.97, 0.0, rng.exponential(1.0, len(y)))  # like 5th-Ventricle
+    y = np.column_stack([y, (lesions - lesions.mean()) / lesions.std()])
+    stage = LocationScaleStage().fit(age, sex, site, y, n_sites=12)
+    loc, scale = stage.location_scale(age, sex, site)
+    assert np.isfinite(loc).all() and np.isfinite(scale).all() and (scale > 0).all()
+    assert np.isfinite(stage.standardise(age, sex, site, y)).all()
