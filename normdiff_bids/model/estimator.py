@@ -2,15 +2,17 @@
 covariates and scores people against it (per-IDP centiles and z-scores, a joint deviation score).
 
 This module holds the estimator contract (parameters and their checks, ``fit``, the public prediction
-API, the model card, save and load); the training loop is :mod:`~normdiff_bids.model.training`, the
-sampling plan and draws :mod:`~normdiff_bids.model.sampling`, the presets :mod:`~normdiff_bids.model.presets`
-and the networks :mod:`~normdiff_bids.model.backbones`. It is over 400 lines because the class
-docstring documents every parameter, which is the estimator's user documentation.
+API, the calibration layer's fitting, the model card, save and load). The training loop is
+:mod:`~normdiff_bids.model.training`, the sampling plan and draws :mod:`~normdiff_bids.model.sampling`,
+the two-stage pieces :mod:`~normdiff_bids.model.location_scale` and
+:mod:`~normdiff_bids.model.model_space`, new sites :mod:`~normdiff_bids.model.adaptation`, the presets
+:mod:`~normdiff_bids.model.presets` and the networks :mod:`~normdiff_bids.model.backbones`. It is over
+400 lines because the class docstring documents every parameter (the estimator's user documentation)
+and ``load_model`` rebuilds every part of a bundle.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import inspect
@@ -45,6 +47,7 @@ from normdiff_bids.model.sampling import (
     scored_points,
     small_blas,
 )
+from normdiff_bids.model.tables import idp_matrix, present
 from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser, validation_split
 from normdiff_bids.scoring.centiles import centiles_to_z, empirical_centiles, sample_quantiles
 from normdiff_bids.scoring.conformal import CentileCalibration
@@ -150,6 +153,17 @@ class NormativeDiffusion:
         Tested against exact scoring.
     grid_step : float or None
         Grid step in the continuous covariate's units; ``None``: its training SD / 30.
+    location_scale : "pooled" | "off"
+        ``"pooled"`` (two-stage): a per-IDP location and spread on the covariates with partially pooled
+        site effects (:mod:`~normdiff_bids.model.location_scale`), then the diffusion model on the
+        standardised residuals given the covariates other than the site. ``"off"``: the diffusion model
+        on the IDPs, with the site as a covariate of the network.
+    calibration : "conformal" | "off"
+        Apply the calibration layer learnt at ``fit`` from the reference controls (two-stage models;
+        :mod:`~normdiff_bids.scoring.conformal`); ``"off"`` scores with the raw model. Can be changed
+        after fitting.
+    site_covariate : str or None
+        The categorical covariate whose levels are partially pooled and that :meth:`adapt` learns.
     verbose : bool
         Progress bars (also silenced by ``CI=true`` or ``NORMDIFF_QUIET=1``).
     """
@@ -268,10 +282,10 @@ class NormativeDiffusion:
         self._weights_digest = None  # new weights: earlier draws are not theirs
         covariates = list(self.covariates)
         idps = self._select_idps(table, idps, covariates)
-        values = _idp_matrix(table, idps, "training")
+        values = idp_matrix(table, idps, "training")
         complete = np.isfinite(values).all(axis=1)
         for name in covariates:
-            complete &= _present(table[name]).to_numpy()
+            complete &= present(table[name]).to_numpy()
         n_dropped = int((~complete).sum())
         if complete.sum() < MIN_TRAIN_ROWS:
             raise InputError(f"only {int(complete.sum())} of {len(table)} rows have every IDP and "
@@ -339,60 +353,9 @@ class NormativeDiffusion:
         calibration layer are unchanged: every known site scores bit-identically. A site the model
         knows is an error, unless ``refine=True`` re-estimates it from these rows alone.
         """
-        self._check_fitted()
-        space = self._model_space()
-        if space.site_index is None:
-            raise ValueError("adapt needs a two-stage model with a site covariate (location_scale='pooled', "
-                             f"site_covariate in the covariates); this one has location_scale="
-                             f"{self.location_scale!r}, site_covariate={self.site_covariate!r}")
-        problems = ProblemCollector()
-        missing_cov = [c for c in self.covariates if c not in table.columns]
-        missing_idps = [c for c in self.idps_ if c not in table.columns]
-        if missing_cov:
-            problems.add(f"covariate columns missing: {missing_cov}")
-        if missing_idps:
-            problems.add(f"{len(missing_idps)} of the model's IDP columns missing: {missing_idps[:10]}")
-        problems.raise_if_any(header="the adaptation table does not match the model")
-        values = _idp_matrix(table, self.idps_, "adaptation")
-        site_name = self.site_covariate
-        site_cov = self.covariate_schema_.categorical[space.site_index]
-        labels = table[site_name].map(lambda v: None if pd.isna(v) else str(v).strip())
-        usable = np.isfinite(values).all(axis=1) & _present(table[site_name]).to_numpy()
-        for name in self.covariates:
-            usable &= _present(table[name]).to_numpy()
-        counts = labels[usable].value_counts().to_dict()
-        known = sorted(s for s in counts if s in site_cov.levels)
-        if known and not refine:
-            raise InputError(f"the model already knows {site_name} {known}; adapt learns new {site_name}s "
-                             f"only: drop those rows, or pass refine=True to re-estimate them from these "
-                             f"rows")
-        few = {s: int(n) for s, n in labels.value_counts().items() if counts.get(s, 0) < 2}
-        few.update({s: int(n) for s, n in counts.items() if n < 2})
-        if few or not counts:
-            raise InputError(f"each new {site_name} needs at least 2 controls with every covariate and IDP; "
-                             f"usable controls: {({s: int(counts.get(s, 0)) for s in few}) or 'none'}")
-        new_levels = sorted(s for s in counts if s not in site_cov.levels)
-        schema = CovariateSchema.from_dict(self.covariate_schema_.to_dict())
-        schema.categorical[space.site_index].levels = list(site_cov.levels) + new_levels
-        cont, cat = schema.encode(table.loc[usable])
-        x = self.scaler_.transform(values[usable])
-        adapted_space = ModelSpace(schema, self.scaler_, self.stage_, site_name)
-        inputs = adapted_space.stage_inputs(cont, cat)
-        sites = labels[usable].to_numpy()
-        effects = {s: self.stage_.site_effects(inputs[0][sites == s], inputs[1][sites == s], x[sites == s])
-                   for s in counts}
-        stage = self.stage_.with_sites([effects[s] for s in new_levels]) if new_levels else \
-            LocationScaleStage.from_dict(self.stage_.to_dict())
-        for s in known:
-            k = site_cov.levels.index(s)
-            stage.u_[k], stage.u_var_[k], stage.v_[k] = effects[s]
-        out = copy.copy(self)
-        out.covariate_schema_ = schema
-        out.stage_ = stage
-        out.adaptations_ = [*self.adaptations_, {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "sites": {s: int(counts[s]) for s in sorted(counts)}, "refined": known}]
-        return out
+        from normdiff_bids.model.adaptation import adapt_to_new_sites
+
+        return adapt_to_new_sites(self, table, refine=refine)
 
     def _model_space(self) -> ModelSpace:
         return ModelSpace(self.covariate_schema_, self.scaler_, self.stage_, self.site_covariate)
@@ -559,7 +522,7 @@ class NormativeDiffusion:
             shown = missing if len(missing) <= 20 else missing[:20] + [f"... ({len(missing) - 20} more)"]
             raise InputError(f"the table lacks {len(missing)} of the model's {self.n_features_in_} IDP "
                              f"columns: {shown}; score a table with the IDPs the model was trained on")
-        return _idp_matrix(table, self.idps_, "scoring")
+        return idp_matrix(table, self.idps_, "scoring")
 
     # ------------------------------------------------------------------ public prediction API
     def sample(self, covariates: pd.DataFrame, n_samples: int | None = None) -> np.ndarray:
@@ -805,40 +768,6 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-def _idp_matrix(table: pd.DataFrame, idps: list[str], purpose: str) -> np.ndarray:
-    """IDP columns as float64 [R, D]; non-numeric columns are an error naming them (NaN stays NaN)."""
-    bad = []
-    columns = []
-    for name in idps:
-        col = table[name]
-        if pd.api.types.is_bool_dtype(col):
-            bad.append(f"'{name}' (true/false values)")
-            continue
-        if pd.api.types.is_numeric_dtype(col):
-            columns.append(col.to_numpy(dtype=np.float64, na_value=np.nan))
-            continue
-        conv = pd.to_numeric(col, errors="coerce")
-        text = col.astype("string").str.strip().str.lower()
-        wrong = conv.isna() & col.notna() & ~text.isin(["", "n/a", "na", "nan"])
-        if wrong.any():
-            first = wrong.to_numpy().nonzero()[0][0]
-            bad.append(f"'{name}' (row {table.index[first]}: {col.iloc[first]!r})")
-            continue
-        columns.append(conv.to_numpy(dtype=np.float64, na_value=np.nan))
-    if bad:
-        raise InputError(f"IDP columns must be numeric for {purpose}: {', '.join(bad)}; fix or drop those "
-                         f"columns (write 'n/a' for missing values)")
-    return np.column_stack(columns) if columns else np.empty((len(table), 0))
-
-
-def _present(column: pd.Series) -> pd.Series:
-    """Whether each covariate value is present (not NaN/None/'n/a'/empty/inf)."""
-    if pd.api.types.is_numeric_dtype(column):
-        return pd.Series(np.isfinite(column.to_numpy(dtype=np.float64, na_value=np.nan)), index=column.index)
-    text = column.astype("string").str.strip().str.lower()
-    return column.notna() & ~text.isin(["", "n/a", "na", "nan", "none", "null"]).fillna(True)
-
-
 def _same(a, b) -> bool:
     try:
         return bool(a == b) if not isinstance(a, np.ndarray) else False
