@@ -104,7 +104,10 @@ def _draw_order(rows: pd.DataFrame, rng) -> np.ndarray:
 def leave_one_site_out(table: pd.DataFrame, idps, args, truth_fn=None) -> pd.DataFrame:
     records = []
     sizes = table["site"].value_counts()
-    for site in sorted(sizes[sizes >= MIN_SITE].index):
+    eligible = sizes[sizes >= MIN_SITE]
+    if args.max_sites:
+        eligible = eligible.nlargest(args.max_sites)
+    for site in sorted(eligible.index):
         rows = table[table["site"] == site].reset_index(drop=True)
         train = table[table["site"] != site].reset_index(drop=True)
         base = _ours(train, idps, args)
@@ -159,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--methods", default="refit,pcn", help="optional comparisons: refit, pcn")
+    p.add_argument("--max-sites", type=int, default=None, help="leave out only the largest N eligible sites")
     p.add_argument("--n-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pcn-python", default=os.environ.get("NORMDIFF_PCN_PYTHON", sys.executable))
