@@ -14,7 +14,6 @@ import pandas as pd
 
 from normdiff_bids.errors import InputError, ProblemCollector
 from normdiff_bids.model.covariates import CovariateSchema
-from normdiff_bids.model.location_scale import LocationScaleStage
 from normdiff_bids.model.model_space import ModelSpace
 from normdiff_bids.model.tables import idp_matrix, present
 
@@ -51,8 +50,7 @@ def adapt_to_new_sites(model, table: pd.DataFrame, refine: bool = False):
         raise InputError(f"the model already knows {site_name} {known}; adapt learns new {site_name}s "
                          f"only: drop those rows, or pass refine=True to re-estimate them from these "
                          f"rows")
-    few = {s: int(n) for s, n in labels.value_counts().items() if counts.get(s, 0) < 2}
-    few.update({s: int(n) for s, n in counts.items() if n < 2})
+    few = sorted(s for s in labels.dropna().unique() if counts.get(s, 0) < 2)
     if few or not counts:
         raise InputError(f"each new {site_name} needs at least 2 controls with every covariate and IDP; "
                          f"usable controls: {({s: int(counts.get(s, 0)) for s in few}) or 'none'}")
@@ -66,8 +64,7 @@ def adapt_to_new_sites(model, table: pd.DataFrame, refine: bool = False):
     sites = labels[usable].to_numpy()
     effects = {s: model.stage_.site_effects(inputs[0][sites == s], inputs[1][sites == s], x[sites == s])
                for s in counts}
-    stage = model.stage_.with_sites([effects[s] for s in new_levels]) if new_levels else \
-        LocationScaleStage.from_dict(model.stage_.to_dict())
+    stage = model.stage_.with_sites([effects[s] for s in new_levels])
     for s in known:
         k = site_cov.levels.index(s)
         stage.u_[k], stage.u_var_[k], stage.v_[k] = effects[s]

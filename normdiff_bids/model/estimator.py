@@ -34,8 +34,8 @@ from normdiff_bids.model import params as P
 from normdiff_bids.model.backbones import backbone_names, get_spec
 from normdiff_bids.model.bundle import BundleError, check_params, load_bundle, save_bundle
 from normdiff_bids.model.covariates import CovariateEncoder, CovariateEncoderConfig, CovariateSchema
-from normdiff_bids.model.location_scale import LocationScaleConfig, LocationScaleStage
-from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals
+from normdiff_bids.model.location_scale import LocationScaleStage
+from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals, heldout_residuals
 from normdiff_bids.model.preprocess import METHODS as PREPROCESSING_METHODS
 from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.model.presets import PRESETS
@@ -304,17 +304,15 @@ class NormativeDiffusion:
         cont, cat = schema.encode(kept)
         scaler = IDPScaler(self.preprocessing).fit(values)
         x = scaler.transform(values)
-        space = ModelSpace(schema, scaler, None, None)
-        stage = None
-        if self.location_scale == "pooled":
-            space = ModelSpace(schema, scaler, LocationScaleStage(), self.site_covariate)
+        pooled = self.location_scale == "pooled"
+        space = ModelSpace(schema, scaler, None, self.site_covariate if pooled else None)
+        x_model = x
+        if pooled:
             inputs = space.stage_inputs(cont, cat)
             n_sites = len(schema.categorical[space.site_index].levels) if space.site_index is not None else 0
-            stage = LocationScaleStage(LocationScaleConfig()).fit(*inputs, x, n_sites=n_sites)
-            space.stage = stage
-            x_model = stage.standardise(*inputs, x)
-        else:
-            x_model = x
+            space.stage = LocationScaleStage().fit(*inputs, x, n_sites=n_sites)
+            x_model = space.stage.standardise(*inputs, x)
+        stage = space.stage
 
         self.idps_ = list(idps)
         self.n_features_in_ = len(idps)
@@ -358,7 +356,8 @@ class NormativeDiffusion:
         return adapt_to_new_sites(self, table, refine=refine)
 
     def _model_space(self) -> ModelSpace:
-        return ModelSpace(self.covariate_schema_, self.scaler_, self.stage_, self.site_covariate)
+        return ModelSpace(self.covariate_schema_, self.scaler_, self.stage_,
+                          self.site_covariate if self.stage_ is not None else None)
 
     def _fit_calibration(self, space: ModelSpace, x, cont, cat) -> CentileCalibration:
         """The calibration layer.
@@ -376,12 +375,10 @@ class NormativeDiffusion:
         missing = np.zeros(len(x), dtype=bool)
         residuals = crossfit_residuals(self.stage_, *inputs, x, seed=int(self.seed))
         crossfit = self._score_model_space(residuals, cont, cat, missing, with_joint=True)
-        unseen, seen = validation_split(len(x), self.validation_fraction, int(self.seed))
+        unseen, _ = validation_split(len(x), self.validation_fraction, int(self.seed))
         checked = None
         if len(unseen):
-            part = LocationScaleStage(self.stage_.config).fit(
-                *(a[seen] for a in inputs), x[seen], n_sites=self.stage_.n_sites_)
-            held = part.standardise(*(a[unseen] for a in inputs), x[unseen])
+            held = heldout_residuals(self.stage_, *inputs, x, unseen)
             checked = self._score_model_space(held, cont[unseen], cat[unseen], missing[unseen],
                                               with_joint=True)["joint_centile"]
         return CentileCalibration.fit(crossfit["centiles"], inputs[2], crossfit["joint_centile"],

@@ -202,10 +202,13 @@ class LocationScaleStage:
 
     def with_sites(self, effects: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> LocationScaleStage:
         """A copy that knows ``len(effects)`` more sites (codes ``n_sites_``, ``n_sites_ + 1``, ...), each
-        given as :meth:`site_effects` returns it; the known sites are untouched."""
+        given as :meth:`site_effects` returns it (none: a plain copy); the known sites are untouched, and
+        the copy's site arrays are its own."""
         out = LocationScaleStage(self.config)
         out.__dict__.update({k: v for k, v in self.__dict__.items() if k != "config"})
-        u_new, u_var_new, v_new = (np.stack(part) for part in zip(*effects))
+        empty = np.empty((0, self.u_.shape[1]))
+        u_new, u_var_new, v_new = ((np.stack(part) for part in zip(*effects)) if effects
+                                   else (empty, empty, empty))
         out.u_ = np.concatenate([self.u_, u_new])
         out.u_var_ = np.concatenate([self.u_var_, u_var_new])
         out.v_ = np.concatenate([self.v_, v_new])

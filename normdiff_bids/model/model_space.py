@@ -18,7 +18,7 @@ import numpy as np
 from normdiff_bids.model.covariates import CovariateSchema
 from normdiff_bids.model.location_scale import LocationScaleStage
 
-__all__ = ["ModelSpace", "crossfit_residuals", "site_folds"]
+__all__ = ["ModelSpace", "crossfit_residuals", "heldout_residuals", "site_folds"]
 
 #: Folds of the cross-fitted residuals that calibrate the model on every reference control.
 CALIBRATION_FOLDS = 5
@@ -28,8 +28,9 @@ class ModelSpace:
     """Row-dependent map between original IDP units and the network's space.
 
     ``schema`` is the full covariate schema; ``site`` the name of the categorical covariate whose levels
-    are partially pooled (``None``: no site); ``stage`` the fitted location-scale stage, or ``None``
-    (``location_scale="off"``: the network conditions on every covariate).
+    the location-scale stage pools, so that the network does not see it (``None``: the network sees
+    every covariate, as with ``location_scale="off"``); ``stage`` the fitted stage, or ``None`` (before
+    it is fitted, or ``location_scale="off"``).
     """
 
     def __init__(self, schema: CovariateSchema, scaler, stage: LocationScaleStage | None, site: str | None):
@@ -37,7 +38,7 @@ class ModelSpace:
         self.scaler = scaler
         self.stage = stage
         names = [c.name for c in schema.categorical]
-        self.site_index = names.index(site) if (stage is not None and site in names) else None
+        self.site_index = names.index(site) if site in names else None
         self.network_columns = [i for i in range(len(names)) if i != self.site_index]
 
     # -- covariates ---------------------------------------------------------------------------------
@@ -103,9 +104,16 @@ def crossfit_residuals(stage: LocationScaleStage, cont, fixed, site, x, seed: in
     out = np.empty_like(np.asarray(x, dtype=np.float64))
     for f in range(n_folds):
         test = folds == f
-        if not test.any():
-            continue
-        part = LocationScaleStage(stage.config).fit(cont[~test], fixed[~test], site[~test], x[~test],
-                                                    n_sites=stage.n_sites_)
-        out[test] = part.standardise(cont[test], fixed[test], site[test], x[test])
+        if test.any():
+            out[test] = heldout_residuals(stage, cont, fixed, site, x, test)
     return out
+
+
+def heldout_residuals(stage: LocationScaleStage, cont, fixed, site, x, held: np.ndarray) -> np.ndarray:
+    """Residuals of the rows ``held`` (a boolean or index mask) under a stage with ``stage``'s settings
+    and sites, fitted on the other rows."""
+    rest = np.ones(len(x), dtype=bool)
+    rest[held] = False
+    part = LocationScaleStage(stage.config).fit(cont[rest], fixed[rest], site[rest], x[rest],
+                                                n_sites=stage.n_sites_)
+    return part.standardise(cont[held], fixed[held], site[held], x[held])
