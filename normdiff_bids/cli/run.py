@@ -216,14 +216,13 @@ _LOCAL_PLUGINS = ("Linear", "MultiProc")
 def check_model_options(options: dict, backbone: str) -> None:
     """Refuse ``--model-options`` that name no model option or config field, or hold invalid values."""
     import dataclasses
-    import inspect
 
     from normdiff_bids.model.backbones import get_backbone
     from normdiff_bids.model.covariates import CovariateEncoderConfig
     from normdiff_bids.model.normative import NormativeDiffusion
     from normdiff_bids.model.schedule import DiffusionConfig
 
-    valid = [p for p in inspect.signature(NormativeDiffusion.__init__).parameters if p != "self"]
+    valid = NormativeDiffusion._param_names()
     problems = ProblemCollector()
     for key in options:
         if key in _SET_BY_FLAGS:
