@@ -161,35 +161,45 @@ def fit_baseline(data: Dataset, args) -> tuple[object, float]:
     return model, time.perf_counter() - start
 
 
-def run_pcntoolkit(data: Dataset, warp: str | None, args) -> tuple[Precomputed, float, float]:
-    python = args.pcn_python
+def run_pcn_worker(tables: dict[str, pd.DataFrame], config: dict, python: str, timeout: float) -> dict:
+    """Run ``pcntoolkit_worker.py`` in PCNtoolkit's environment on ``tables`` (written as
+    ``<name>.csv``) and ``config``; return every ``.npz`` it wrote, by name, as dicts of arrays.
+
+    One BLAS thread unless the caller sets it: PCNtoolkit's L-BFGS thrashes with more.
+    """
     if not python or not Path(python).exists():
         raise RuntimeError(f"PCNtoolkit environment not found ({python!r}); create one with "
                            "`python3 -m venv /work/bench-venv && "
                            "/work/bench-venv/bin/pip install pcntoolkit` "
                            "or pass --pcn-python")
     worker = Path(__file__).resolve().parent / "pcntoolkit_worker.py"
-    with tempfile.TemporaryDirectory(prefix="peers_pcn_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pcn_") as tmp:
         work = Path(tmp)
-        columns = [*COVARIATES, *data.idps]
-        data.train[columns].to_csv(work / "train.csv", index=False)
-        data.test[columns].to_csv(work / "test.csv", index=False)
-        (work / "config.json").write_text(json.dumps({
-            "idps": data.idps, "covariates": ["age"], "batch_effects": ["sex", "site"],
-            "quantile_levels": [0.025, 0.5, 0.975], "n_samples": args.n_samples, "seed": args.seed,
-            "warp": warp, "n_iter": args.pcn_iter}))
-        # One BLAS thread unless the caller says otherwise: the BLR design matrices are small.
+        for name, table in tables.items():
+            table.to_csv(work / f"{name}.csv", index=False)
+        (work / "config.json").write_text(json.dumps(config))
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(var, "1")
         proc = subprocess.run([python, str(worker), str(work)], capture_output=True, text=True, env=env,
-                              timeout=args.pcn_timeout)
+                              timeout=timeout)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise RuntimeError("PCNtoolkit worker failed: " + " | ".join(tail))
-        result = np.load(work / "result.npz")
-        model = Precomputed(list(data.idps), result["centiles"], result["samples"])
-        return model, float(result["fit_s"]), float(result["score_s"])
+        return {path.stem: dict(np.load(path)) for path in work.glob("*.npz")}
+
+
+def run_pcntoolkit(data: Dataset, warp: str | None, args) -> tuple[Precomputed, float, float]:
+    columns = [*COVARIATES, *data.idps]
+    results = run_pcn_worker(
+        {"train": data.train[columns], "test": data.test[columns]},
+        {"idps": data.idps, "covariates": ["age"], "batch_effects": ["sex", "site"],
+         "quantile_levels": [0.025, 0.5, 0.975], "n_samples": args.n_samples, "seed": args.seed,
+         "warp": warp, "n_iter": args.pcn_iter},
+        args.pcn_python, args.pcn_timeout)
+    result = results["result"]
+    model = Precomputed(list(data.idps), result["centiles"], result["samples"])
+    return model, float(result["fit_s"]), float(result["score_s"])
 
 
 # ---------------------------------------------------------------------- metrics

@@ -19,11 +19,8 @@ sites and draws; mean |centile - truth| (synthetic); adaptation seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +30,7 @@ import pandas as pd
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import COVARIATES, REAL_NON_IDPS, SMALL_REAL_IDPS  # noqa: E402
+from peers import COVARIATES, REAL_NON_IDPS, SMALL_REAL_IDPS, run_pcn_worker  # noqa: E402
 
 MIN_SITE = 40
 METHODS = ("no adaptation", "ours: adapt", "ours: refit", "PCNtoolkit BLR + SHASH transfer")
@@ -67,29 +64,16 @@ def _centiles(model, table, idps):
 
 def _pcn_transfer(train, jobs, idps, args) -> list[tuple[np.ndarray, float]]:
     """Fit PCNtoolkit's BLR on ``train`` once, then transfer it for each (adapt, test) job."""
-    worker = Path(__file__).resolve().parent / "pcntoolkit_worker.py"
-    with tempfile.TemporaryDirectory(prefix="transfer_pcn_") as tmp:
-        work = Path(tmp)
-        columns = [*COVARIATES, *idps]
-        train[columns].to_csv(work / "train.csv", index=False)
-        train[columns].head(20).to_csv(work / "test.csv", index=False)  # the worker scores a known site first
-        for i, (adapt, test) in enumerate(jobs):
-            adapt[columns].to_csv(work / f"transfer_{i}_adapt.csv", index=False)
-            test[columns].to_csv(work / f"transfer_{i}_test.csv", index=False)
-        (work / "config.json").write_text(json.dumps({
-            "idps": idps, "covariates": ["age"], "batch_effects": ["sex", "site"],
-            "quantile_levels": [0.5], "n_samples": 2, "seed": args.seed, "warp": "WarpSinhArcsinh",
-            "n_iter": 200, "n_transfers": len(jobs)}))
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = "1"  # PCNtoolkit's L-BFGS thrashes with more BLAS threads
-        proc = subprocess.run([args.pcn_python, str(worker), str(work)], capture_output=True, text=True,
-                              env=env, timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError("PCNtoolkit worker failed: "
-                               + " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:]))
-        results = [np.load(work / f"transfer_{i}.npz") for i in range(len(jobs))]
-        return [(r["centiles"], float(r["adapt_s"])) for r in results]
+    columns = [*COVARIATES, *idps]
+    tables = {"train": train[columns], "test": train[columns].head(20)}  # the worker scores a known site
+    for i, (adapt, test) in enumerate(jobs):
+        tables[f"transfer_{i}_adapt"], tables[f"transfer_{i}_test"] = adapt[columns], test[columns]
+    results = run_pcn_worker(tables, {
+        "idps": idps, "covariates": ["age"], "batch_effects": ["sex", "site"], "quantile_levels": [0.5],
+        "n_samples": 2, "seed": args.seed, "warp": "WarpSinhArcsinh", "n_iter": 200,
+        "n_transfers": len(jobs)}, args.pcn_python, 3600)
+    return [(results[f"transfer_{i}"]["centiles"], float(results[f"transfer_{i}"]["adapt_s"]))
+            for i in range(len(jobs))]
 
 
 def _draw_order(rows: pd.DataFrame, rng) -> np.ndarray:
