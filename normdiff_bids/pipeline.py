@@ -17,14 +17,12 @@ from nipype.pipeline import engine as pe
 from normdiff_bids.interfaces import (
     AdaptNormativeModel,
     CollectIDPs,
-    DeviationMaps,
     GroupReport,
     InstallModel,
-    NormDiffReport,
     ScoreDeviations,
+    SubjectOutputs,
     TrainNormativeModel,
     WriteGroupTable,
-    WriteSubjectScores,
 )
 
 DEFAULT_COVARIATES = ("age", "sex", "site")
@@ -131,14 +129,17 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
                         participant_label=None, session_label=None, idps: Sequence[str],
                         age_column="age", sex_column="sex", site_column="site", n_samples=None,
                         unknown_site="error", device="auto", use_gpu=False, nprocs: int | None = None,
-                        scores=None, name=None) -> pe.Workflow:
+                        scores=None, batches: int | None = None, name=None) -> pe.Workflow:
     """Participant level: score the selection against ``model_dir`` in one pass (a row's scores never
-    depend on the other rows), then one ``single_subject_<label>[_ses-<label>]_wf`` per row writes its
-    deviation table, deviation maps and report.
+    depend on the other rows), then ``subject_outputs_*`` nodes, one per batch of rows, write each row's
+    deviation table, deviation maps and report (:class:`SubjectOutputs`).
 
     ``subjects``: one mapping per row to write, with ``participant_id``, ``session_id`` (or None) and
     optionally ``fs_subject_dir`` (the FreeSurfer folder whose ``aparc+aseg.mgz`` the maps are painted into).
-    ``nprocs``: CPU cores the scoring step may use; the per-subject steps run in parallel on one core each.
+    ``nprocs``: CPU cores the scoring step may use; the batches run in parallel on one core each.
+    ``batches``: how many batches (default: four per core, so that MultiProc keeps every core busy; a
+    single row is one batch, the per-participant array job of HPC recipes). A row's files do not depend on
+    its batch.
     ``scores``: a wide score table already computed with this model (the group level's table when both
     levels run at once): the rows are taken from it instead of being scored again, which gives the same
     numbers since a row's scores never depend on the other rows scored with it.
@@ -157,45 +158,36 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
         _reserve(score, nprocs)
         _optional(score, n_samples=n_samples)
         wf.connect(collect, "idp_table", score, "idp_table")
-    for subject in subjects:
-        sub_wf = init_single_subject_wf(output_dir=output_dir, model_dir=model_dir, **subject)
-        wf.connect(score, "scores", sub_wf, "inputnode.scores")
+    if batches is None:
+        batches = 4 * (nprocs or os.cpu_count() or 1)
+    for batch in subject_batches(subjects, batches):
+        node = pe.Node(SubjectOutputs(output_dir=os.fspath(output_dir), model_dir=os.fspath(model_dir),
+                                      subjects=[_plain(s) for s in batch], num_threads=1),
+                       name=batch_name(batch))
+        wf.connect(score, "scores", node, "scores")
     return wf
 
 
-def init_single_subject_wf(*, output_dir, model_dir, participant_id: str, session_id: str | None = None,
-                           fs_subject_dir=None, name=None) -> pe.Workflow:
-    """One subject (and session): deviation table, deviation maps and report, from the scored table.
+def subject_batches(subjects: Sequence[Mapping], n_batches: int) -> list[list[Mapping]]:
+    """``subjects`` in at most ``n_batches`` consecutive batches of near-equal size (none empty)."""
+    n = len(subjects)
+    k = max(1, min(int(n_batches), n))
+    bounds = [i * n // k for i in range(k + 1)]
+    return [list(subjects[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
-    Input ``inputnode.scores``: a wide score table holding (at least) this subject's row.
-    """
-    from nipype.interfaces.utility import IdentityInterface, Merge
 
-    label = participant_id.removeprefix("sub-")
-    if name is None:
-        session = f"_{session_id.removeprefix('ses-')}" if session_id else ""
-        name = f"single_subject_{label}{session}_wf"
-    wf = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["scores"]), name="inputnode")
-    ids = {"participant_id": participant_id}
-    if session_id:
-        ids["session_id"] = session_id
-    ds_scores = pe.Node(WriteSubjectScores(output_dir=os.fspath(output_dir), **ids), name="ds_scores")
-    maps = pe.Node(DeviationMaps(output_dir=os.fspath(output_dir), **ids), name="deviation_maps")
-    report = pe.Node(NormDiffReport(output_dir=os.fspath(output_dir), model_dir=os.fspath(model_dir),
-                                    num_threads=1, **ids), name="report")
-    if fs_subject_dir:
-        # the maps paint into this folder's aparc+aseg; the report shows its slices under them
-        maps.inputs.fs_subject_dir = os.fspath(fs_subject_dir)
-        report.inputs.fs_subject_dir = os.fspath(fs_subject_dir)
-    written = pe.Node(Merge(2), name="written_files")
-    wf.connect([
-        (inputnode, ds_scores, [("scores", "scores")]),
-        (inputnode, maps, [("scores", "scores")]),
-        (inputnode, report, [("scores", "scores")]),
-        (maps, report, [("volume_maps", "volume_maps")]),
-        (ds_scores, written, [("out_files", "in1")]),
-        (maps, written, [("out_files", "in2")]),
-        (written, report, [("out", "files")]),
-    ])
-    return wf
+def _label(subject: Mapping) -> str:
+    label = subject["participant_id"].removeprefix("sub-")
+    session = subject.get("session_id")
+    return label + (f"_{session.removeprefix('ses-')}" if session else "")
+
+
+def batch_name(batch: Sequence[Mapping]) -> str:
+    """``subject_outputs_<label>`` for one row, ``subject_outputs_<first>_to_<last>`` for a batch."""
+    first, last = _label(batch[0]), _label(batch[-1])
+    return f"subject_outputs_{first}" if len(batch) == 1 else f"subject_outputs_{first}_to_{last}"
+
+
+def _plain(subject: Mapping) -> dict:
+    return {"participant_id": subject["participant_id"], "session_id": subject.get("session_id") or None,
+            "fs_subject_dir": os.fspath(subject["fs_subject_dir"]) if subject.get("fs_subject_dir") else None}

@@ -6,7 +6,7 @@ import pytest
 from nipype.interfaces.base import BaseInterfaceInputSpec, TraitedSpec
 
 from normdiff_bids import interfaces
-from normdiff_bids.pipeline import init_group_wf, init_participant_wf, init_single_subject_wf, selection_name
+from normdiff_bids.pipeline import init_group_wf, init_participant_wf, selection_name, subject_batches
 
 SUBJECTS = [
     {"participant_id": "sub-01", "session_id": None, "fs_subject_dir": None},
@@ -44,21 +44,35 @@ def test_group_wf_trains_scores_writes_and_installs_the_model_last(tmp_path):
     assert nodes[f"{name}.group_report"].inputs.subject_reports == ["sub-01.html"]
 
 
-def test_participant_wf_scores_once_and_writes_one_subworkflow_per_row(tmp_path):
+def test_participant_wf_scores_once_and_writes_the_rows_in_batches(tmp_path):
     (tmp_path / "model").mkdir()
     wf = init_participant_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", model_dir=tmp_path / "model",
-                             subjects=SUBJECTS, idps=["Left-Hippocampus"], n_samples=50)
+                             subjects=SUBJECTS, idps=["Left-Hippocampus"], n_samples=50, batches=2)
     edges, nodes = _edges(wf)
     scores = [n for n in nodes if n.endswith(".score")]
     assert len(scores) == 1
     assert not nodes[scores[0]].is_gpu_node()
-    per_row = {n.split(".")[1] for n in nodes if ".single_subject_" in n}
-    assert per_row == {"single_subject_01_wf", "single_subject_02_1_wf", "single_subject_02_2_wf"}
-    for row in per_row:
-        assert {f"{wf.name}.{row}.{n}" for n in ("ds_scores", "deviation_maps", "report")} <= set(nodes)
-        assert (scores[0], f"{wf.name}.{row}.deviation_maps") in edges
-        assert (f"{wf.name}.{row}.deviation_maps", f"{wf.name}.{row}.report") in edges
+    batches = sorted(n for n in nodes if ".subject_outputs_" in n)
+    assert batches == [f"{wf.name}.subject_outputs_01", f"{wf.name}.subject_outputs_02_1_to_02_2"]
+    written = [row for b in batches for row in nodes[b].inputs.subjects]
+    assert [(r["participant_id"], r["session_id"]) for r in written] == \
+        [(s["participant_id"], s["session_id"]) for s in SUBJECTS]  # every row once, in order
+    for batch in batches:
+        assert (scores[0], batch) in edges
     assert nodes[f"{wf.name}.collect_idps"].inputs.idp_set == ["Left-Hippocampus"]
+
+
+def test_one_participant_is_one_batch_and_batches_cover_every_row(tmp_path):
+    (tmp_path / "model").mkdir()
+    wf = init_participant_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", model_dir=tmp_path / "model",
+                             subjects=SUBJECTS[:1], idps=["Left-Hippocampus"], nprocs=4)
+    _, nodes = _edges(wf)
+    assert [n for n in nodes if ".subject_outputs_" in n] == [f"{wf.name}.subject_outputs_01"]
+    rows = [{"participant_id": f"sub-{i:03d}"} for i in range(10)]
+    for k in (1, 3, 4, 10, 25):
+        parts = subject_batches(rows, k)
+        assert [r for p in parts for r in p] == rows and all(parts)
+        assert len(parts) == min(k, 10) and max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 def test_jobs_with_different_selections_never_share_work_folders(tmp_path):
@@ -67,14 +81,6 @@ def test_jobs_with_different_selections_never_share_work_folders(tmp_path):
     assert one != two
     assert one == selection_name(list(SUBJECTS[:1]), tmp_path / "model")
     assert selection_name(SUBJECTS[:1], tmp_path / "other") != one
-
-
-def test_single_subject_wf_passes_its_ids(tmp_path):
-    wf = init_single_subject_wf(output_dir=tmp_path, model_dir=tmp_path, participant_id="sub-07",
-                                session_id="ses-b", fs_subject_dir=tmp_path)
-    maps = wf.get_node("deviation_maps")
-    assert (maps.inputs.participant_id, maps.inputs.session_id) == ("sub-07", "ses-b")
-    assert wf.name == "single_subject_07_b_wf"
 
 
 @pytest.mark.parametrize("name", interfaces.__all__)

@@ -96,6 +96,6 @@ def test_nipype_slurm_recipe_builds_the_jobs_without_submitting(bids, group_out,
     assert score.plugin_args["sbatch_args"].endswith("--gres=gpu:1") and score.inputs.use_gpu
     assert recipe.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "single_subject_011_wf.report" in printed and "single_subject_012_wf.deviation_maps" in printed
+    assert "subject_outputs_011" in printed and "subject_outputs_012" in printed
     assert submitted == []  # built, never run
     assert not (out / "sub-011").exists()

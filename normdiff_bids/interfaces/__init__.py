@@ -4,6 +4,7 @@
 - :mod:`.model`: :class:`TrainNormativeModel`, :class:`ScoreDeviations`
 - :mod:`.maps`: :class:`DeviationMaps` (NIfTI + GIfTI)
 - :mod:`.reports`: :class:`NormDiffReport` (subject), :class:`GroupReport`
+- :mod:`.subjects`: :class:`SubjectOutputs` (table, maps and report of each subject of a batch)
 - :mod:`.derivatives`: writers into the derivatives folder (:class:`WriteSubjectScores`,
   :class:`WriteGroupTable`, :class:`InstallModel`)
 
@@ -15,6 +16,7 @@ from normdiff_bids.interfaces.derivatives import InstallModel, WriteGroupTable, 
 from normdiff_bids.interfaces.maps import DeviationMaps
 from normdiff_bids.interfaces.model import AdaptNormativeModel, ScoreDeviations, TrainNormativeModel
 from normdiff_bids.interfaces.reports import GroupReport, NormDiffReport
+from normdiff_bids.interfaces.subjects import SubjectOutputs
 
 __all__ = [
     "AdaptNormativeModel",
@@ -24,6 +26,7 @@ __all__ = [
     "InstallModel",
     "NormDiffReport",
     "ScoreDeviations",
+    "SubjectOutputs",
     "TrainNormativeModel",
     "WriteGroupTable",
     "WriteSubjectScores",

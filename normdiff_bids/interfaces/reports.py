@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from nipype.interfaces.base import (
@@ -16,8 +15,6 @@ from nipype.interfaces.base import (
     isdefined,
     traits,
 )
-
-_MAP_MEASURE = re.compile(r"_desc-([A-Za-z0-9]+)_zmap\.nii(\.gz)?$")
 
 
 def _maybe(value):
@@ -64,11 +61,9 @@ class NormDiffReport(SimpleInterface):
 
             set_threads(self.inputs.num_threads)
             model = load_model(self.inputs.model_dir)
-        maps = {}
-        for path in self.inputs.volume_maps if isdefined(self.inputs.volume_maps) else []:
-            found = _MAP_MEASURE.search(os.path.basename(path))
-            if found:
-                maps[found.group(1)] = path
+        from normdiff_bids.interfaces.subjects import report_maps
+
+        maps = report_maps(self.inputs.volume_maps if isdefined(self.inputs.volume_maps) else [])
         label_volume = None
         if isdefined(self.inputs.fs_subject_dir):
             candidate = Path(self.inputs.fs_subject_dir) / "mri" / "aparc+aseg.mgz"

@@ -24,14 +24,19 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
 
 def subject_scores(scores_path: str | os.PathLike, participant_id: str, session_id: str | None = None):
     """The one row of a wide score table belonging to a subject (and session), as a one-row DataFrame."""
-    wide = read_table(scores_path)
+    return select_row(read_table(scores_path), participant_id, session_id, scores_path)
+
+
+def select_row(wide: pd.DataFrame, participant_id: str, session_id: str | None = None,
+               source: str | os.PathLike = "the score table") -> pd.DataFrame:
+    """The one row of ``wide`` (read from ``source``) belonging to a subject (and session)."""
     mask = wide["participant_id"].astype(str) == participant_id
     if session_id and "session_id" in wide.columns:
         mask &= wide["session_id"].astype(str) == session_id
     rows = wide.loc[mask]
     if len(rows) != 1:
         what = participant_id + (f" {session_id}" if session_id else "")
-        raise ValueError(f"expected one row for {what} in {scores_path}, found {len(rows)}")
+        raise ValueError(f"expected one row for {what} in {source}, found {len(rows)}")
     return rows.reset_index(drop=True)
 
 

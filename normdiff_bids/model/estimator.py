@@ -34,6 +34,7 @@ from normdiff_bids.model import params as P
 from normdiff_bids.model.backbones import backbone_names, get_spec
 from normdiff_bids.model.bundle import BundleError, check_params, load_bundle, save_bundle
 from normdiff_bids.model.covariates import CovariateEncoder, CovariateEncoderConfig, CovariateSchema
+from normdiff_bids.model.draw_table import MAX_TABLE_BYTES, DrawTable, grid_points
 from normdiff_bids.model.location_scale import LocationScaleStage
 from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals, heldout_residuals
 from normdiff_bids.model.preprocess import METHODS as PREPROCESSING_METHODS
@@ -82,6 +83,7 @@ PARAMETER_CONSTRAINTS = {
     "location_scale": P.one_of(("pooled", "off"), "choose 'pooled' or 'off'"),
     "calibration": P.one_of(("conformal", "off"), "choose 'conformal' or 'off'"),
     "site_covariate": P.Constraint(lambda v: v is None or isinstance(v, str), "a covariate name or None"),
+    "draw_table": P.one_of(("auto", "off"), "choose 'auto' or 'off'"),
 }
 
 
@@ -164,6 +166,12 @@ class NormativeDiffusion:
         after fitting.
     site_covariate : str or None
         The categorical covariate whose levels are partially pooled and that :meth:`adapt` learns.
+    draw_table : "auto" | "off"
+        ``"auto"``: on the scoring grid, ``fit`` draws every grid point of the training range once and
+        keeps the draws (in the bundle too), so later scoring, quantiles and centile curves evaluate no
+        network and give the same numbers on every machine (:mod:`~normdiff_bids.model.draw_table`;
+        skipped when it would exceed ``MAX_TABLE_BYTES``). ``"off"``: draw when scoring. Can be changed
+        after fitting (``"off"`` then draws afresh).
     verbose : bool
         Progress bars (also silenced by ``CI=true`` or ``NORMDIFF_QUIET=1``).
     """
@@ -178,7 +186,7 @@ class NormativeDiffusion:
                  preset: str | None = None, ema_decay: float | None = None, patience: int | None = None,
                  covariate_grid: str = "auto", grid_step: float | None = None,
                  location_scale: str = "pooled", calibration: str = "conformal",
-                 site_covariate: str | None = "site", verbose: bool = True):
+                 site_covariate: str | None = "site", draw_table: str = "auto", verbose: bool = True):
         self.backbone = backbone
         self.covariates = covariates
         self.seed = seed
@@ -203,6 +211,7 @@ class NormativeDiffusion:
         self.location_scale = location_scale
         self.calibration = calibration
         self.site_covariate = site_covariate
+        self.draw_table = draw_table
         self.verbose = verbose
 
     # ------------------------------------------------------------------ sklearn conventions
@@ -335,6 +344,9 @@ class NormativeDiffusion:
             raise
         self.history_ = history
         self.n_train_ = summary["n_train"]
+        self.draw_table_ = None
+        if self.draw_table == "auto":  # first, so that the calibration below already scores from it
+            self.draw_table_ = self._build_draw_table()
         if stage is not None and self.calibration == "conformal":
             self.calibration_ = self._fit_calibration(space, x, cont, cat)
         summary.update(n_rows=len(table), n_dropped=n_dropped, seconds=round(time.perf_counter() - start, 2))
@@ -475,11 +487,26 @@ class NormativeDiffusion:
         cov = self.covariate_schema_.continuous[0]
         return Grid(mean=cov.mean, sd=cov.sd, step=self._grid_step())
 
-    def _drawer(self) -> Drawer:
+    def _drawer(self, use_table: bool = True) -> Drawer:
+        table = getattr(self, "draw_table_", None) if use_table and self.draw_table == "auto" else None
         return Drawer(self.encoder_, self.network_, self._diffusion, seed=int(self.seed),
                       sampler=self._sampler(), steps=self._steps(), n_features=self.n_features_in_,
                       weights_token=self._weights_token(), verbose=self.verbose,
-                      standardise=self.stage_ is not None)
+                      standardise=self.stage_ is not None, table=table)
+
+    def _build_draw_table(self) -> DrawTable | None:
+        """The draws of every scoring-grid point of the training range (``None`` off the grid or when
+        they would exceed ``MAX_TABLE_BYTES``)."""
+        grid = self._grid()
+        if grid is None:
+            return None
+        age = self.covariate_schema_.continuous[0]
+        levels = [list(range(0 if c.marginal else 1, len(c.levels) + 1))
+                  for c in self._model_space().network_schema().categorical]
+        cont, cat = grid_points(grid, age.min, age.max, levels)
+        if len(cont) * int(self.n_samples) * self.n_features_in_ * 4 > MAX_TABLE_BYTES:
+            return None
+        return DrawTable.build(self._drawer(use_table=False), cont, cat, int(self.n_samples))
 
     def _scored_points(self, cont, cat, missing, with_joint: bool):
         """As :func:`~normdiff_bids.model.sampling.scored_points`, on the covariates the network sees."""
@@ -673,10 +700,18 @@ class NormativeDiffusion:
                 "method": "split-conformal maps from cross-fitted reference controls",
                 "applied": self.calibration == "conformal", **self.calibration_.summary()}),
             "adaptations": list(self.adaptations_),
+            "draw_table": self._draw_table_card(),
             "n_train": int(self.n_train_),
             "training_summary": json_ready(self.training_summary_),
             "seed": int(self.seed),
         }
+
+    def _draw_table_card(self) -> dict | None:
+        table = getattr(self, "draw_table_", None)
+        if table is None:
+            return None
+        return {"points": len(table), "draws_per_point": int(table.samples.shape[1]),
+                "megabytes": round(table.nbytes / 2**20, 1), "used": self.draw_table == "auto"}
 
     def save(self, path: str | os.PathLike, overwrite: bool = False):
         """Write the model as a bundle folder (``model.safetensors`` + ``model.json``); returns the path."""
@@ -685,6 +720,9 @@ class NormativeDiffusion:
             self.created_ = datetime.now(UTC).isoformat(timespec="seconds")
         tensors = {f"encoder.{k}": v for k, v in self.encoder_.state_dict().items()}
         tensors.update({f"network.{k}": v for k, v in self.network_.state_dict().items()})
+        table = getattr(self, "draw_table_", None)
+        if table is not None:
+            tensors.update(table.to_tensors())
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
         meta = {
             "estimator": "NormativeDiffusion",
@@ -702,6 +740,7 @@ class NormativeDiffusion:
             "location_scale": None if self.stage_ is None else self.stage_.to_dict(),
             "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
             "adaptations": list(self.adaptations_),
+            "draw_table": None if table is None else table.settings,
             "model_card": self.model_card(),
         }
         return save_bundle(path, tensors, meta, overwrite=overwrite)
@@ -759,6 +798,17 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
     model.encoder_ = encoder.to(dev).eval()
     model.network_ = network.to(dev).eval()
     model._diffusion = GaussianDiffusion(model.diffusion_config_)
+    model.draw_table_ = None
+    if meta.get("draw_table") is not None:
+        try:
+            model.draw_table_ = DrawTable.from_tensors(meta["draw_table"], tensors)
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"{path}/model.safetensors does not hold the draw table model.json describes "
+                              f"({type(err).__name__}: {err}); {fix}") from None
+        if not model.draw_table_.serves(model._drawer(use_table=False).table_settings(model.n_samples)):
+            # drawn with other weights or settings than the bundle's: never score from it
+            raise BundleError(f"{path}: the draw table was not made with this model's weights and "
+                              f"sampling settings; {fix}")
     return model
 
 

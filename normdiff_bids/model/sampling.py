@@ -138,6 +138,15 @@ class Drawer:
     weights_token: str
     verbose: bool = False
     standardise: bool = False
+    #: A :class:`~normdiff_bids.model.draw_table.DrawTable` whose points are taken from it instead of being
+    #: drawn (when it was made with this drawer's settings).
+    table: object | None = None
+
+    def table_settings(self, n_samples: int) -> dict:
+        """What a point's draws depend on besides the point (the device aside): a draw table made with
+        these settings holds exactly what this drawer would draw."""
+        return {"weights": self.weights_token, "seed": int(self.seed), "n_samples": int(n_samples),
+                "sampler": self.sampler, "steps": int(self.steps), "standardise": bool(self.standardise)}
 
     def draw(self, points_cont, points_cat, n_samples, desc) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first point, samples [p, S, D] float32 in model space)`` for consecutive points.
@@ -146,7 +155,8 @@ class Drawer:
         point's samples are bit-identical whichever points it is drawn with. That also makes them safe
         to reuse: points drawn before by this process with the same weights and sampling settings come
         from :data:`_POINT_CACHE` (a participant report's centile curves share their points with every
-        other participant of the same sex and site).
+        other participant of the same sex and site), and points the drawer's draw table holds come from
+        it (no network evaluation at all).
         """
         device = next(self.network.parameters()).device
         sampler, steps = self.sampler, self.steps
@@ -160,17 +170,27 @@ class Drawer:
         keys = [settings + (np.ascontiguousarray(points_cont[i], dtype=np.float32).tobytes(),
                             np.ascontiguousarray(points_cat[i], dtype=np.int64).tobytes())
                 for i in range(n_points)]
+        table = self.table if self.table is not None and self.table.serves(self.table_settings(n_samples)) \
+            else None
+        tabled = [None if table is None else table.find(points_cont[i], points_cat[i])
+                  for i in range(n_points)]
         self.encoder.eval()
         self.network.eval()
-        bar = progress(total=n_points, desc=desc, verbose=self.verbose, unit="point")
+        # a progress bar only for what is drawn: points from the table or the cache cost nothing
+        n_fresh = sum(1 for i in range(n_points) if tabled[i] is None and keys[i] not in _POINT_CACHE)
+        bar = progress(total=n_points, desc=desc, verbose=self.verbose and n_fresh > 0, unit="point")
         try:
             for first in range(0, n_points, per_call):
                 idx = np.arange(first, min(first + per_call, n_points))
                 out = np.empty((len(idx), n_samples, d), dtype=np.float32)
-                todo = [j for j, i in enumerate(idx) if keys[i] not in _POINT_CACHE]
+                todo = []
                 for j, i in enumerate(idx):
-                    if keys[i] in _POINT_CACHE:
+                    if tabled[i] is not None:
+                        out[j] = tabled[i]
+                    elif keys[i] in _POINT_CACHE:
                         out[j] = _POINT_CACHE[keys[i]]
+                    else:
+                        todo.append(j)
                 if todo:
                     fresh = idx[todo]
                     padded = np.concatenate([fresh, np.full(per_call - len(fresh), fresh[-1])])

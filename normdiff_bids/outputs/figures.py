@@ -26,7 +26,7 @@ def flag_colour(z: float) -> str:
 def to_data_uri(fig: Figure, dpi: int = 100) -> str:
     """The figure as a base64 PNG ``data:`` URI (reports embed every figure: no external files)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -1,0 +1,118 @@
+"""Nipype interface writing every per-subject output of a batch of subjects in one node: the deviation
+table, the deviation maps and the report of each.
+
+One node per batch, not three per subject: the score table is read once and the model loaded once per
+batch, and a cohort of 300 starts a handful of processes instead of 900 (on 2 cores the per-node start-up
+and re-reading used to be most of the participant level). A subject's files do not depend on the batch
+it is written in. A subject that fails does not stop the others of its batch; the node fails at the end,
+naming every failed subject, with the others' files written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from normdiff_bids.errors import NormdiffError
+
+_MAP_MEASURE = re.compile(r"_desc-([A-Za-z0-9]+)_zmap\.nii(\.gz)?$")
+
+
+def report_maps(paths) -> dict[str, str]:
+    """``{measure: path}`` of the NIfTI deviation maps among ``paths`` (what a report shows as slices)."""
+    maps = {}
+    for path in paths:
+        found = _MAP_MEASURE.search(os.path.basename(path))
+        if found:
+            maps[found.group(1)] = os.fspath(path)
+    return maps
+
+
+def write_subject_outputs(output_dir, wide_row, model=None, fs_subject_dir=None, model_name=None,
+                          maps: bool = True) -> tuple[list[str], str]:
+    """Write one subject's deviation table, maps (with ``fs_subject_dir``) and report from its one-row
+    wide score table ``wide_row``. Returns ``(files written, report path)``."""
+    from normdiff_bids.outputs.maps import write_deviation_maps
+    from normdiff_bids.outputs.reports import write_subject_report
+    from normdiff_bids.outputs.tables import write_subject_scores
+
+    row = wide_row.iloc[0]
+    files = [os.fspath(p) for p in write_subject_scores(output_dir, wide_row)]
+    label_volume, volume_maps = None, {}
+    if maps and fs_subject_dir:
+        written = write_deviation_maps(output_dir, row, fs_subject_dir)
+        painted = [os.fspath(p) for paths in written.values() for p in paths]
+        files += painted
+        volume_maps = report_maps(painted)
+        candidate = Path(fs_subject_dir) / "mri" / "aparc+aseg.mgz"
+        label_volume = candidate if candidate.is_file() and volume_maps else None
+    report = write_subject_report(output_dir, row, model=model, maps=volume_maps or None,
+                                  label_volume=label_volume, files=files, model_name=model_name)
+    return files, os.fspath(report)
+
+
+class _SubjectOutputsInputSpec(BaseInterfaceInputSpec):
+    scores = File(exists=True, mandatory=True, desc="wide score table (ScoreDeviations) holding the subjects")
+    subjects = traits.List(traits.Dict(), mandatory=True,
+                           desc="one mapping per subject[/session]: participant_id, session_id (or None) "
+                                "and optionally fs_subject_dir (its FreeSurfer folder, for the maps)")
+    model_dir = Directory(exists=True, desc="the model bundle the scores came from (centile curves and "
+                                            "the model card of the reports)")
+    model_name = traits.Str(desc="name of the model shown in the reports")
+    num_threads = traits.Int(desc="CPU threads torch may use; default: torch's")
+    output_dir = Directory(mandatory=True, desc="the derivatives folder (prepared by prepare_output_dir)")
+
+
+class _SubjectOutputsOutputSpec(TraitedSpec):
+    out_files = OutputMultiObject(File(exists=True), desc="every table and map written, sidecars included")
+    out_reports = OutputMultiObject(File(exists=True), desc="the HTML reports, one per subject[/session]")
+
+
+class SubjectOutputs(SimpleInterface):
+    """Write the deviation table, deviation maps and report of each subject of a batch."""
+
+    input_spec = _SubjectOutputsInputSpec
+    output_spec = _SubjectOutputsOutputSpec
+    _always_run = True  # a cached node must still put its files into the derivatives folder
+
+    def _run_interface(self, runtime):
+        from normdiff_bids.interfaces.tables import read_table, select_row
+
+        wide = read_table(self.inputs.scores)
+        model = None
+        if isdefined(self.inputs.model_dir):
+            from normdiff_bids.interfaces.model import set_threads
+            from normdiff_bids.model.normative import load_model
+
+            set_threads(self.inputs.num_threads)
+            model = load_model(self.inputs.model_dir)
+        name = self.inputs.model_name if isdefined(self.inputs.model_name) else None
+        self._results["out_files"], self._results["out_reports"] = [], []
+        failed = []
+        for subject in self.inputs.subjects:
+            pid, ses = subject["participant_id"], subject.get("session_id") or None
+            try:
+                files, report = write_subject_outputs(
+                    self.inputs.output_dir, select_row(wide, pid, ses, self.inputs.scores), model=model,
+                    fs_subject_dir=subject.get("fs_subject_dir"), model_name=name)
+            except (NormdiffError, OSError, ValueError) as err:
+                failed.append(f"{pid}{' ' + ses if ses else ''}: {err}")
+                continue
+            self._results["out_files"] += files
+            self._results["out_reports"].append(report)
+        if failed:
+            raise NormdiffError(f"{len(failed)} of {len(self.inputs.subjects)} subjects of this batch "
+                                f"failed (the others' outputs are written):\n  " + "\n  ".join(failed))
+        return runtime

@@ -1,0 +1,105 @@
+"""The draw table: the model's draws at every point of its scoring grid, made once at ``fit`` and kept in
+the bundle, so that scoring, centile curves and reports need no network evaluation.
+
+A grid point's draws depend only on the weights, the seed, the sampling settings and the point (one
+seeded stream per point, see :mod:`~normdiff_bids.model.sampling`), so the table holds exactly the draws
+sampling would produce on the machine that fitted the model: scoring from it is the sampling path, with
+the network evaluations done in advance. It also makes scores identical on every machine that loads the
+bundle, whatever its device. Points outside the table (ages beyond the training range, rows scored with
+other settings, ``covariate_grid="off"``) are drawn as before.
+
+The table covers the training range of the continuous covariate, one grid step beyond each end, for every
+level combination of the network's categorical covariates (and the unknown level where it is trained).
+It is not built when it would exceed :data:`MAX_TABLE_BYTES` (many categorical levels, large D).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from normdiff_bids.model.sampling import Drawer, Grid
+
+__all__ = ["MAX_TABLE_BYTES", "TENSOR_PREFIX", "DrawTable", "grid_points"]
+
+#: Largest table built (float32 draws): 512 MiB, e.g. D = 200 at 1000 draws over 640 grid points.
+MAX_TABLE_BYTES = 512 * 2**20
+#: Key prefix of the table's tensors in the bundle's safetensors file.
+TENSOR_PREFIX = "draws."
+
+
+def grid_points(grid: Grid, low: float, high: float, levels: list[list[int]]):
+    """Every grid point from ``low`` to ``high`` (original units, one step beyond each end) for every
+    level combination: ``(points_cont [P, 1] float32, points_cat [P, n_cat] int64)``, encoded exactly as
+    :func:`~normdiff_bids.model.sampling.plan_points` encodes a row's grid points."""
+    ks = np.arange(int(np.floor(low / grid.step)) - 1, int(np.ceil(high / grid.step)) + 2, dtype=np.int64)
+    combos = list(itertools.product(*levels)) if levels else [()]
+    cat = np.array([c for c in combos for _ in ks], dtype=np.int64).reshape(len(combos) * len(ks),
+                                                                              len(levels))
+    k = np.tile(ks, len(combos))
+    cont = ((k * grid.step - grid.mean) / grid.sd).astype(np.float32)[:, None]
+    return cont, cat
+
+
+@dataclass
+class DrawTable:
+    """Draws ``samples [P, S, D]`` (float32, model space) at ``points_cont``/``points_cat``, made with
+    ``settings`` (the drawer's :meth:`~normdiff_bids.model.sampling.Drawer.table_settings`)."""
+
+    settings: dict
+    points_cont: np.ndarray
+    points_cat: np.ndarray
+    samples: np.ndarray
+    _index: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._index = {self.key(c, k): i for i, (c, k) in enumerate(zip(self.points_cont, self.points_cat))}
+
+    @staticmethod
+    def key(cont_row, cat_row) -> tuple[bytes, bytes]:
+        return (np.ascontiguousarray(cont_row, dtype=np.float32).tobytes(),
+                np.ascontiguousarray(cat_row, dtype=np.int64).tobytes())
+
+    def __len__(self) -> int:
+        return len(self.points_cont)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.samples.nbytes)
+
+    def serves(self, settings: dict) -> bool:
+        """Whether a drawer with ``settings`` would produce these draws (same weights, seed, settings)."""
+        return settings == self.settings
+
+    def find(self, cont_row, cat_row) -> np.ndarray | None:
+        """The draws ``[S, D]`` of one point, or ``None`` when the table does not hold it."""
+        i = self._index.get(self.key(cont_row, cat_row))
+        return None if i is None else self.samples[i]
+
+    @classmethod
+    def build(cls, drawer: Drawer, points_cont: np.ndarray, points_cat: np.ndarray,
+              n_samples: int) -> DrawTable:
+        """Draw every point with ``drawer`` (a drawer without a table, so the draws are fresh)."""
+        samples = np.empty((len(points_cont), n_samples, drawer.n_features), dtype=np.float32)
+        for first, drawn in drawer.draw(points_cont, points_cat, n_samples, desc="draw table"):
+            samples[first:first + len(drawn)] = drawn
+        return cls(drawer.table_settings(n_samples), points_cont, points_cat, samples)
+
+    # -- persistence: tensors in the bundle's safetensors file, settings in model.json -----------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{TENSOR_PREFIX}points_cont": torch.from_numpy(np.ascontiguousarray(self.points_cont)),
+                f"{TENSOR_PREFIX}points_cat": torch.from_numpy(np.ascontiguousarray(self.points_cat)),
+                f"{TENSOR_PREFIX}samples": torch.from_numpy(np.ascontiguousarray(self.samples))}
+
+    @classmethod
+    def from_tensors(cls, settings: dict, tensors: dict[str, torch.Tensor]) -> DrawTable:
+        get = {name: tensors[f"{TENSOR_PREFIX}{name}"].numpy() for name in ("points_cont", "points_cat",
+                                                                            "samples")}
+        if get["samples"].ndim != 3 or len(get["samples"]) != len(get["points_cont"]) \
+                or len(get["points_cat"]) != len(get["points_cont"]):
+            raise ValueError(f"draw table tensors have inconsistent shapes: "
+                             f"{ {k: tuple(v.shape) for k, v in get.items()} }")
+        return cls(dict(settings), get["points_cont"], get["points_cat"], get["samples"])
