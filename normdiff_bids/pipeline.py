@@ -65,7 +65,7 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
                   n_samples=None, seed=0, device="auto", use_gpu=False, model_name="default",
                   overwrite_model=False, unknown_site="error", model_options: Mapping | None = None,
                   subject_reports: Sequence[str] = (), nprocs: int | None = None, from_model=None,
-                  name="normdiff_group_wf") -> pe.Workflow:
+                  condition_on: Sequence[str] = (), name="normdiff_group_wf") -> pe.Workflow:
     """Group level: collect IDPs, fit on the reference (held-out evaluation), score everyone, write
     ``phenotype/`` tables, the group report, and finally install the model under ``models/<name>``.
 
@@ -74,7 +74,8 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
     names the group report links (when the participant level follows in the same run). ``nprocs``: CPU
     cores training and scoring may use (the node reserves them from MultiProc and torch uses as many).
     ``from_model``: a trained bundle to adapt to this dataset's new sites instead of training from
-    scratch (:class:`AdaptNormativeModel`); the rest of the workflow is the same.
+    scratch (:class:`AdaptNormativeModel`); the rest of the workflow is the same. ``condition_on``:
+    IDPs every other IDP is also scored conditionally on (``<idp>_cond_centile``, ``<idp>_cond_z``).
     """
     wf = _workflow(name)
     collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set,
@@ -95,7 +96,7 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
     score = pe.Node(ScoreDeviations(unknown_site=unknown_site, device=device, use_gpu=use_gpu),
                     name="score_all")
     _reserve(score, nprocs)
-    _optional(score, n_samples=n_samples)
+    _optional(score, n_samples=n_samples, condition_on=list(condition_on))
     ds_table = pe.Node(WriteGroupTable(output_dir=os.fspath(output_dir)), name="ds_group_table")
     report = pe.Node(GroupReport(output_dir=os.fspath(output_dir), model_name=model_name),
                      name="group_report")
@@ -129,7 +130,8 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
                         participant_label=None, session_label=None, idps: Sequence[str],
                         age_column="age", sex_column="sex", site_column="site", n_samples=None,
                         unknown_site="error", device="auto", use_gpu=False, nprocs: int | None = None,
-                        scores=None, batches: int | None = None, name=None) -> pe.Workflow:
+                        scores=None, batches: int | None = None, condition_on: Sequence[str] = (),
+                        name=None) -> pe.Workflow:
     """Participant level: score the selection against ``model_dir`` in one pass (a row's scores never
     depend on the other rows), then ``subject_outputs_*`` nodes, one per batch of rows, write each row's
     deviation table, deviation maps and report (:class:`SubjectOutputs`).
@@ -143,6 +145,7 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
     ``scores``: a wide score table already computed with this model (the group level's table when both
     levels run at once): the rows are taken from it instead of being scored again, which gives the same
     numbers since a row's scores never depend on the other rows scored with it.
+    ``condition_on``: IDPs the other IDPs are also scored conditionally on.
     """
     wf = _workflow(name or selection_name(subjects, model_dir, scores))
     if scores is not None:
@@ -156,7 +159,7 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
         score = pe.Node(ScoreDeviations(model_dir=os.fspath(model_dir), unknown_site=unknown_site,
                                         device=device, use_gpu=use_gpu), name="score")
         _reserve(score, nprocs)
-        _optional(score, n_samples=n_samples)
+        _optional(score, n_samples=n_samples, condition_on=list(condition_on))
         wf.connect(collect, "idp_table", score, "idp_table")
     if batches is None:
         batches = 4 * (nprocs or os.cpu_count() or 1)

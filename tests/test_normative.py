@@ -20,7 +20,7 @@ from normdiff_bids.scoring.joint import joint_deviation
 
 TINY = {"hidden": 32, "n_blocks": 2, "time_embed_dim": 16}
 SCORE_COLUMNS = ["participant_id", "idp", "value", "centile", "z", "tail", "extrapolated", "joint_stat",
-                 "joint_centile", "joint_z"]
+                 "joint_centile", "joint_z", "joint_n_idps"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -242,7 +242,13 @@ def test_scoring_marks_missing_values_and_names_missing_idps(model, test, cohort
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scores = model.score(holes)
-    assert scores.loc[scores["participant_id"] == holes["participant_id"].iloc[0], "joint_z"].isna().all()
+    first = scores.loc[scores["participant_id"] == holes["participant_id"].iloc[0]]
+    # the joint deviation of a row with a missing IDP is computed over the IDPs it has
+    assert np.isfinite(first["joint_z"]).all() and (first["joint_n_idps"] == 2).all()
+    rest = scores.loc[scores["participant_id"].isin(holes["participant_id"].iloc[2:])]
+    assert (rest["joint_n_idps"] == 3).all()
+    no_covariate = scores["participant_id"] == holes["participant_id"].iloc[1]
+    assert scores.loc[no_covariate, "joint_n_idps"].isna().all()
 
 
 def test_unseen_site_and_out_of_range_age(model, test):

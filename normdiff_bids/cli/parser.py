@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training epochs; default: a budget chosen from N and D, with early stopping")
     mod.add_argument("--n-samples", type=_positive_int, default=None,
                      help="model samples drawn per participant to score centiles; default: the model's")
+    mod.add_argument("--condition-on", nargs="+", default=None, metavar="IDP",
+                     help="also score every other IDP conditionally on the participant's own values of "
+                          "these IDPs, e.g. EstimatedTotalIntraCranialVol (in --idp-set global): adds "
+                          "<idp>_cond_centile and <idp>_cond_z columns and a 'given' section to the reports")
     mod.add_argument("--holdout-fraction", type=_fraction, default=0.2,
                      help="share of the reference held out (stratified by site and sex) to evaluate "
                           "the model")

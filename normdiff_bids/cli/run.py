@@ -124,7 +124,7 @@ def group_workflow(opts, plan: Plan):
         n_samples=opts.n_samples, seed=opts.seed, device=opts.device,
         model_name=opts.model_name, overwrite_model=opts.overwrite_model,
         unknown_site=opts.unknown_site, use_gpu=_uses_gpu(opts.device), model_options=plan.model_options,
-        subject_reports=reports, nprocs=_nprocs(opts),
+        subject_reports=reports, nprocs=_nprocs(opts), condition_on=opts.condition_on or (),
         from_model=opts.from_model.expanduser().absolute() if opts.from_model is not None else None)
 
 
@@ -145,7 +145,8 @@ def participant_workflow(opts, plan: Plan):
         subjects=plan.rows, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
         session_label=plan.session_label, idps=list(plan.model.idps_), **plan.columns,
         n_samples=opts.n_samples, unknown_site=opts.unknown_site, device=opts.device,
-        use_gpu=_uses_gpu(opts.device), nprocs=_nprocs(opts), scores=scores)
+        use_gpu=_uses_gpu(opts.device), nprocs=_nprocs(opts), scores=scores,
+        condition_on=opts.condition_on or ())
 
 
 # -- checking the inputs --------------------------------------------------------------------------
@@ -201,9 +202,35 @@ def check_inputs(opts, levels) -> Plan:
 
     if "group" in levels:
         _check_group(opts, plan)
+        idps = plan.base_model.idps_ if plan.base_model is not None else _idp_columns(plan.table, plan)
     elif "participant" in levels:
         _check_model(opts, plan, plan.model_dir)
+        idps = plan.model.idps_
+    _check_condition_on(opts.condition_on, idps)
     return plan
+
+
+def _idp_columns(table, plan: Plan) -> list[str]:
+    from normdiff_bids.interfaces.model import idp_columns
+
+    return idp_columns(table, plan.covariates)
+
+
+def _check_condition_on(given, idps) -> None:
+    """``--condition-on`` names IDPs the model scores, and leaves at least one to score conditionally."""
+    from normdiff_bids.data.idps import IDP_SETS
+
+    if not given:
+        return
+    unknown = [g for g in given if g not in idps]
+    if unknown:
+        hint = (" (EstimatedTotalIntraCranialVol and the other whole-brain measures are in --idp-set global)"
+                if any(g in IDP_SETS["global"] for g in unknown) else "")
+        raise InputError(f"--condition-on names {unknown}, which the model does not score; name IDPs of "
+                         f"the model's {len(idps)} (from --idp-set), or add them to --idp-set{hint}")
+    if len(set(given)) >= len(idps):
+        raise InputError(f"--condition-on names every one of the model's {len(idps)} IDPs, so none is left "
+                         f"to score conditionally; leave at least one out")
 
 
 #: --model-options keys that the command line sets itself, and the option to use instead.

@@ -238,6 +238,9 @@ class _ScoreInputSpec(BaseInterfaceInputSpec):
     use_gpu = traits.Bool(False, usedefault=True,
                           desc="tell Nipype's MultiProc plugin that this node occupies a GPU slot")
     num_threads = traits.Int(desc="CPU threads torch may use (match the node's n_procs); default: torch's")
+    condition_on = traits.List(traits.Str, desc="IDPs to condition on: every other IDP also gets its "
+                                                "centile given the subject's own values of these "
+                                                "(<idp>_cond_centile, <idp>_cond_z)")
 
 
 class _ScoreOutputSpec(TraitedSpec):
@@ -263,7 +266,8 @@ class ScoreDeviations(SimpleInterface):
             params["n_samples"] = self.inputs.n_samples
         model.set_params(**params)
         table = read_table(self.inputs.idp_table)
-        tidy = model.score(table)
+        given = list(self.inputs.condition_on) if isdefined(self.inputs.condition_on) else None
+        tidy = model.score(table, given=given or None)
         covariates = table[[c for c in (*ID_COLUMNS, *model.covariates) if c in table.columns]]
         wide = scores_to_wide(tidy, covariates)
         self._results["scores"] = write_table(wide, os.path.join(runtime.cwd, "scores.tsv"))

@@ -51,6 +51,7 @@ from normdiff_bids.model.sampling import (
 from normdiff_bids.model.tables import idp_matrix, present
 from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser, validation_split
 from normdiff_bids.scoring.centiles import centiles_to_z, empirical_centiles, sample_quantiles
+from normdiff_bids.scoring.conditional import MIN_SPARE_DRAWS, conditional_centiles, joint_subset_scores
 from normdiff_bids.scoring.conformal import CentileCalibration
 from normdiff_bids.scoring.joint import joint_scores
 
@@ -594,60 +595,131 @@ class NormativeDiffusion:
         return pd.DataFrame(out.transpose(0, 2, 1).reshape(len(covariates), -1), index=covariates.index,
                             columns=columns)
 
-    def _score_arrays(self, table: pd.DataFrame, with_joint: bool = True) -> dict:
+    def _score_arrays(self, table: pd.DataFrame, with_joint: bool = True, given=None) -> dict:
         self._check_fitted()
+        given_idx = self._given_indices(given)
         values = self._values(table)
         cont, cat, missing, extrapolated = self._encode(table)
         space = self._model_space()
         z_values = space.to_model(values, cont, cat)
-        out = self._score_model_space(z_values, cont, cat, missing, with_joint)
         layer = self._calibrated()
+        sites = space.site_codes(cat)
+        conditional = None
+        if given_idx is not None:
+            targets = tuple(j for j in range(self.n_features_in_) if j not in given_idx)
+
+            def calibrate(centiles, rows):
+                return centiles if layer is None else layer.transform(centiles, sites[rows])
+
+            conditional = (given_idx, targets, calibrate)
+        out = self._score_model_space(z_values, cont, cat, missing, with_joint, conditional)
         if layer is not None:
-            out["centiles"] = layer.transform(out["centiles"], space.site_codes(cat))
-            out["joint_centile"] = layer.transform_joint(out["joint_centile"])
+            out["centiles"] = layer.transform(out["centiles"], sites)
+            # the joint map was learnt over every IDP: rows scored on a subset keep their raw centile
+            complete = out["joint_n_idps"] == self.n_features_in_
+            out["joint_centile"] = np.where(complete, layer.transform_joint(out["joint_centile"]),
+                                            out["joint_centile"])
+        if given_idx is not None:
+            lacking = ~np.isfinite(values[:, list(given_idx)]).all(axis=1) & ~missing
+            if lacking.any():
+                rows = list(table.index[lacking][:5])
+                warnings.warn(f"{int(lacking.sum())} rows lack a value of a given IDP and get no "
+                              f"conditional scores (cond_given_missing), e.g. rows {rows}", stacklevel=3)
+            out.update(given=given_idx, targets=conditional[1], cond_given_missing=lacking)
         out.update(values=values, extrapolated=extrapolated, missing_covariates=missing)
         return out
 
-    def _score_model_space(self, z_values, cont, cat, missing, with_joint: bool) -> dict:
-        """Uncalibrated centiles, tail flags and joint scores of model-space values ``[R, D]``."""
+    def _given_indices(self, given) -> tuple[int, ...] | None:
+        """The model's indices of the ``given`` IDPs (``None``: no conditioning), checked."""
+        if given is None:
+            return None
+        names = [given] if isinstance(given, str) else list(given)
+        if not names:
+            return None
+        unknown = [g for g in names if g not in self.idps_]
+        if unknown:
+            raise InputError(f"given IDPs {unknown} are not IDPs of this model; condition on some of its "
+                             f"{self.n_features_in_} IDPs, e.g. {self.idps_[:3]}")
+        idx = tuple(sorted({self.idps_.index(g) for g in names}))
+        if len(idx) == self.n_features_in_:
+            raise InputError(f"every one of the model's {self.n_features_in_} IDPs is given, so none is "
+                             f"left to score conditionally; leave at least one IDP out of given")
+        if len(idx) + 1 + MIN_SPARE_DRAWS > int(self.n_samples):
+            need = len(idx) + 1 + MIN_SPARE_DRAWS
+            raise InputError(f"conditioning on {len(idx)} IDPs needs more than {need} draws per point, the "
+                             f"model has n_samples={self.n_samples}; raise n_samples or give fewer IDPs")
+        return idx
+
+    def _score_model_space(self, z_values, cont, cat, missing, with_joint: bool, conditional=None) -> dict:
+        """Uncalibrated centiles, tail flags and joint scores of model-space values ``[R, D]``.
+
+        A row with missing IDPs gets its joint deviation over the IDPs it has (``joint_n_idps``).
+        ``conditional=(given, targets, calibrate)``: also the conditional centiles ``[R, T]`` of the
+        target IDPs given the given ones, from the rows' calibrated normal scores
+        (``calibrate(raw centiles, rows)``); see :mod:`~normdiff_bids.scoring.conditional`.
+        """
         n, d = z_values.shape
         centiles = np.full((n, d), np.nan)
         tail = np.zeros((n, d), dtype=np.int8)
-        joint = np.full((n, 2), np.nan)
+        joint = np.full((n, 3), np.nan)
+        cond = None if conditional is None else np.full((n, len(conditional[1])), np.nan)
         with small_blas():
-            for rows, srt, refs in self._scored_points(cont, cat, missing, with_joint):
+            for rows, srt, draws in self._scored_points(cont, cat, missing, with_joint or cond is not None):
                 c, t = empirical_centiles(z_values[rows], srt)
                 centiles[rows], tail[rows] = c, t
                 if with_joint:
-                    z = centiles_to_z(c)
-                    for row, z_row, (chol, ref) in zip(rows, z, refs):
-                        stat, centile = joint_scores(z_row[None], chol[None], ref[None])
-                        joint[row] = stat[0], centile[0]
-        return {"centiles": centiles, "tail": tail, "joint_stat": joint[:, 0], "joint_centile": joint[:, 1]}
+                    for row, z_row, point in zip(rows, centiles_to_z(c), draws):
+                        if np.isfinite(z_row).all():
+                            chol, ref = point.joint()
+                            stat, centile = joint_scores(z_row[None], chol[None], ref[None])
+                            joint[row] = stat[0], centile[0], d
+                        else:
+                            joint[row] = joint_subset_scores(z_row, point)
+                if cond is not None:
+                    given, targets, calibrate = conditional
+                    u = centiles_to_z(calibrate(c, rows))
+                    owner = np.array([id(p) for p in draws])
+                    for key in np.unique(owner):
+                        sel = owner == key
+                        point = draws[int(np.flatnonzero(sel)[0])]
+                        cond[rows[sel]] = conditional_centiles(u[sel], point, given, targets)
+        return {"centiles": centiles, "tail": tail, "joint_stat": joint[:, 0], "joint_centile": joint[:, 1],
+                "joint_n_idps": joint[:, 2], "cond_centiles": cond}
 
-    def predict_centiles(self, table: pd.DataFrame) -> pd.DataFrame:
+    def predict_centiles(self, table: pd.DataFrame, given: Sequence[str] | None = None) -> pd.DataFrame:
         """Centile of each IDP value at the row's covariates: ``[rows, D]`` strictly inside (0, 1).
 
-        NaN where the value or a covariate is missing.
+        NaN where the value or a covariate is missing (a missing IDP leaves the others unchanged).
+        ``given``: IDP names; then the centile of every other IDP conditional on the row's own values of
+        the given ones (and the covariates), one column per IDP not given: "is this hippocampus small
+        for this head size?" (:mod:`~normdiff_bids.scoring.conditional`). Rows lacking a given value
+        get NaN.
         """
-        arrays = self._score_arrays(table, with_joint=False)
-        return pd.DataFrame(arrays["centiles"], index=table.index, columns=self.idps_)
+        arrays = self._score_arrays(table, with_joint=False, given=given)
+        if arrays.get("given") is None:
+            return pd.DataFrame(arrays["centiles"], index=table.index, columns=self.idps_)
+        return pd.DataFrame(arrays["cond_centiles"], index=table.index,
+                            columns=[self.idps_[j] for j in arrays["targets"]])
 
-    def predict_zscores(self, table: pd.DataFrame) -> pd.DataFrame:
-        """``Phi^-1`` of :meth:`predict_centiles`."""
-        centiles = self.predict_centiles(table)
-        return pd.DataFrame(centiles_to_z(centiles.to_numpy()), index=table.index, columns=self.idps_)
+    def predict_zscores(self, table: pd.DataFrame, given: Sequence[str] | None = None) -> pd.DataFrame:
+        """``Phi^-1`` of :meth:`predict_centiles` (conditional on ``given`` when it is given)."""
+        centiles = self.predict_centiles(table, given=given)
+        return pd.DataFrame(centiles_to_z(centiles.to_numpy()), index=table.index, columns=centiles.columns)
 
-    def score(self, table: pd.DataFrame) -> pd.DataFrame:
+    def score(self, table: pd.DataFrame, given: Sequence[str] | None = None) -> pd.DataFrame:
         """Tidy scores: one row per (subject[/session], IDP).
 
         Columns: ``participant_id`` (or ``row``, the table's index, when there is no id column),
         ``session_id`` (when present), ``idp``, ``value``, ``centile``, ``z``, ``tail`` (-1/0/+1: value
         beyond the sampled range, scored by the tail rule), ``extrapolated`` (covariates outside the
-        training range), ``joint_stat``, ``joint_centile``, ``joint_z``. A missing value or covariate
-        gives NaN centile and z.
+        training range), ``joint_stat``, ``joint_centile``, ``joint_z`` and ``joint_n_idps`` (how many
+        IDPs the joint deviation used: fewer than the model's when some are missing; it is then computed
+        over those present, against the model's draws of the same IDPs). A missing value or covariate
+        gives NaN centile and z. With ``given``: also ``cond_centile`` and ``cond_z`` (NaN on the given
+        IDPs' rows) and ``cond_given_missing`` (the row lacks a given value, so it has no conditional
+        scores).
         """
-        a = self._score_arrays(table, with_joint=True)
+        a = self._score_arrays(table, with_joint=True, given=given)
         n, d = a["values"].shape
         columns = {}
         if "participant_id" in table.columns:
@@ -656,6 +728,7 @@ class NormativeDiffusion:
             columns["row"] = np.repeat(table.index.to_numpy(), d)
         if "session_id" in table.columns:
             columns["session_id"] = np.repeat(table["session_id"].to_numpy(dtype=object), d)
+        n_idps = a["joint_n_idps"]
         columns.update({
             "idp": np.tile(np.asarray(self.idps_, dtype=object), n),
             "value": a["values"].reshape(-1),
@@ -666,7 +739,15 @@ class NormativeDiffusion:
             "joint_stat": np.repeat(a["joint_stat"], d),
             "joint_centile": np.repeat(a["joint_centile"], d),
             "joint_z": np.repeat(centiles_to_z(a["joint_centile"]), d),
+            "joint_n_idps": pd.array(np.repeat(np.where(np.isfinite(n_idps), n_idps, -1), d),
+                                     dtype="Int16"),
         })
+        columns["joint_n_idps"][columns["joint_n_idps"] < 0] = pd.NA
+        if a.get("given") is not None:
+            cond = np.full((n, d), np.nan)
+            cond[:, list(a["targets"])] = a["cond_centiles"]
+            columns.update(cond_centile=cond.reshape(-1), cond_z=centiles_to_z(cond).reshape(-1),
+                           cond_given_missing=np.repeat(a["cond_given_missing"], d))
         return pd.DataFrame(columns)
 
     # ------------------------------------------------------------------ description and persistence

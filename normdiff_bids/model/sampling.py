@@ -20,7 +20,7 @@ from torch import nn
 
 from normdiff_bids.progress import progress
 from normdiff_bids.scoring.centiles import interpolate_quantile_functions
-from normdiff_bids.scoring.joint import joint_reference
+from normdiff_bids.scoring.conditional import PointDraws
 
 __all__ = ["GRID_STEP_FRACTION", "NOISE_BYTES_PER_CALL", "ROWS_PER_CALL", "ROW_CHUNK_ELEMENTS", "Drawer",
            "Grid", "plan_points", "point_seed", "scored_points", "small_blas"]
@@ -223,9 +223,10 @@ class Drawer:
 def scored_points(drawer: Drawer, grid: Grid | None, cont, cat, missing, n_samples: int, with_joint: bool):
     """Iterate over the rows without missing covariates, in chunks that share covariate points.
 
-    Yields ``(rows, q [r, S, D] per-IDP sorted samples in model space, joint references or None)``.
+    Yields ``(rows, q [r, S, D] per-IDP sorted samples in model space, point draws or None)``.
     A row's sorted samples are its own point's (exact) or the interpolation of its two grid points'
-    quantile functions; its joint reference (``(chol [D, D], ref [S // 2])``) is that of the nearer point.
+    quantile functions; its :class:`~normdiff_bids.scoring.conditional.PointDraws` (the joint deviation
+    and conditional centiles score against them) are those of the nearer point.
     """
     rows = np.flatnonzero(~missing)
     if not len(rows):
@@ -238,7 +239,7 @@ def scored_points(drawer: Drawer, grid: Grid | None, cont, cat, missing, n_sampl
     for first, samples in drawer.draw(points_cont, points_cat, n_samples, desc="sampling"):
         for j, smp in enumerate(samples):
             srt = np.sort(smp, axis=0).astype(np.float64)
-            cache[first + j] = (srt, _point_joint_reference(smp) if with_joint else None)
+            cache[first + j] = (srt, PointDraws(smp) if with_joint else None)
         done = first + len(samples)
         end = cursor + np.searchsorted(last[order[cursor:]], done, side="left")
         take = order[cursor:end]
@@ -257,12 +258,6 @@ def scored_points(drawer: Drawer, grid: Grid | None, cont, cat, missing, n_sampl
         keep = min(lo[order[cursor:]].min(), done) if cursor < len(order) else done
         for i in [i for i in cache if i < keep]:
             del cache[i]
-
-
-def _point_joint_reference(samples: np.ndarray):
-    """The joint-deviation reference of one covariate point ``[S, D]``, computed once, shared by its rows."""
-    chol, ref = joint_reference(samples[None].astype(np.float64))
-    return chol[0], ref[0]
 
 
 def small_blas():

@@ -24,12 +24,17 @@ from normdiff_bids.outputs.regions import describe_idp
 #: Identifier columns, in the order they lead every table (``row`` when the input had no ids).
 ID_COLUMNS: tuple[str, ...] = ROW_ID_COLUMNS
 #: Per-subject score columns of the wide table, in order.
-SUBJECT_SCORE_COLUMNS: tuple[str, ...] = ("joint_stat", "joint_centile", "joint_z", "extrapolated")
-#: Per-IDP score fields of the wide table, in order (``<idp>_<field>``).
-IDP_FIELDS: tuple[str, ...] = ("value", "centile", "z", "tail")
+SUBJECT_SCORE_COLUMNS: tuple[str, ...] = ("joint_stat", "joint_centile", "joint_z", "extrapolated",
+                                          "joint_n_idps", "cond_given_missing")
+#: Per-IDP score fields of the wide table, in order (``<idp>_<field>``); the conditional ones exist only
+#: for the IDPs that were not given.
+IDP_FIELDS: tuple[str, ...] = ("value", "centile", "z", "tail", "cond_centile", "cond_z")
+_CONDITIONAL_FIELDS = ("cond_centile", "cond_z")
 #: Columns of the tidy table, in order (ids first).
-TIDY_COLUMNS: tuple[str, ...] = ("idp", "value", "centile", "z", "tail", "extrapolated",
-                                 "joint_stat", "joint_centile", "joint_z")
+TIDY_COLUMNS: tuple[str, ...] = ("idp", "value", "centile", "z", "tail", "cond_centile", "cond_z",
+                                 "extrapolated", "joint_stat", "joint_centile", "joint_z", "joint_n_idps",
+                                 "cond_given_missing")
+_BOOLEAN_COLUMNS = ("extrapolated", "cond_given_missing")
 #: Columns read as text whatever they look like (a site "01" must stay "01").
 TEXT_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "sex", "site", "idp", "measure", "units")
 
@@ -89,9 +94,12 @@ def scores_to_wide(tidy: pd.DataFrame, covariates: pd.DataFrame | None = None) -
             continue
         pivot = tidy.pivot(index=ids, columns="idp", values=field)
         pivot = pivot.reindex(columns=idps)
-        pivot.columns = [f"{idp}_{field}" for idp in idps]
+        if field in _CONDITIONAL_FIELDS:  # the given IDPs have none
+            pivot = pivot.loc[:, pivot.notna().any(axis=0)]
+        pivot.columns = [f"{idp}_{field}" for idp in pivot.columns]
         blocks[field] = pivot.reset_index()
-    ordered = [f"{idp}_{field}" for idp in idps for field in IDP_FIELDS if field in blocks]
+    ordered = [f"{idp}_{field}" for idp in idps for field in IDP_FIELDS
+               if field in blocks and f"{idp}_{field}" in blocks[field].columns]
     per_idp = keys.copy()
     for block in blocks.values():
         per_idp = per_idp.merge(block, on=ids, how="left", validate="one_to_one")
@@ -100,8 +108,11 @@ def scores_to_wide(tidy: pd.DataFrame, covariates: pd.DataFrame | None = None) -
         col = f"{idp}_tail"
         if col in wide.columns:
             wide[col] = wide[col].astype("Int8")
-    if "extrapolated" in wide.columns:
-        wide["extrapolated"] = wide["extrapolated"].astype("boolean")
+    for col in _BOOLEAN_COLUMNS:
+        if col in wide.columns:
+            wide[col] = wide[col].astype("boolean")
+    if "joint_n_idps" in wide.columns:
+        wide["joint_n_idps"] = wide["joint_n_idps"].astype("Int16")
 
     if covariates is not None:
         cov_ids = [c for c in ids if c in covariates.columns]
@@ -123,7 +134,7 @@ def idps_of_wide(wide: pd.DataFrame) -> list[str]:
     """IDP names of a wide table, in column order (each IDP has ``<idp>_centile`` and ``<idp>_z``)."""
     idps = []
     for col in wide.columns:
-        if col.endswith("_centile") and col != "joint_centile":
+        if col.endswith("_centile") and col != "joint_centile" and not col.endswith("_cond_centile"):
             idp = col[: -len("_centile")]
             if f"{idp}_z" in wide.columns:
                 idps.append(idp)
@@ -144,11 +155,14 @@ def scores_to_long(wide: pd.DataFrame) -> pd.DataFrame:
         if all(c in wide.columns for c in cols):
             flat = wide[cols].to_numpy(dtype=object if field == "tail" else "float64").reshape(-1)
             long[field] = pd.array(flat, dtype="Int8") if field == "tail" else flat
+        elif field in _CONDITIONAL_FIELDS and any(c in wide.columns for c in cols):
+            long[field] = wide.reindex(columns=cols).to_numpy(dtype="float64").reshape(-1)
     for col in SUBJECT_SCORE_COLUMNS:
         if col in wide.columns:
             long[col] = np.repeat(wide[col].to_numpy(), d)
-    if "extrapolated" in long.columns:
-        long["extrapolated"] = long["extrapolated"].astype("boolean")
+    for col in _BOOLEAN_COLUMNS:
+        if col in long.columns:
+            long[col] = long[col].astype("boolean")
     return long[[*ids, *[c for c in TIDY_COLUMNS if c in long.columns]]]
 
 
@@ -170,6 +184,7 @@ def column_descriptions(table: pd.DataFrame, idps: Sequence[str] | None = None) 
     idps = list(idps) if idps is not None else idps_of_wide(table)
     fields = {f"{idp}_{field}": (idp, field) for idp in idps for field in IDP_FIELDS}
     out: dict[str, dict] = {}
+    given = given_idps(table, idps)
     for col in table.columns:
         if col in fields:
             out[col] = _idp_field(*fields[col])
@@ -177,6 +192,8 @@ def column_descriptions(table: pd.DataFrame, idps: Sequence[str] | None = None) 
             out[col] = dict(_KNOWN[col])
         else:
             out[col] = _covariate(col, table[col])
+        if col.endswith(_CONDITIONAL_FIELDS) and given:
+            out[col]["Description"] += f" (given: {', '.join(given)})"
         if col == "idp":
             out[col]["Levels"] = {idp: describe_idp(idp).description for idp in dict.fromkeys(table[col])}
         elif col == "measure":
@@ -237,11 +254,44 @@ _KNOWN: dict[str, dict] = {
                       "Description": "Fraction of the model's own samples at the subject's covariates whose "
                                      "joint deviation statistic is below the subject's",
                       "Units": "proportion"},
+    "joint_n_idps": {"LongName": "IDPs in the joint deviation",
+                     "Description": "How many IDPs the joint deviation was computed over: all the model's "
+                                    "unless some are missing for this subject, when it is computed over "
+                                    "those present against the model's samples of the same IDPs",
+                     "Units": "count"},
+    "cond_centile": {"LongName": "Conditional centile",
+                     "Description": "Centile of the observed value given the subject's own values of the "
+                                    "given IDPs (and its covariates): the mid-rank of its residual from the "
+                                    "model's regression on the given IDPs among the same residuals of the "
+                                    "model's samples",
+                     "Units": "proportion"},
+    "cond_z": {"LongName": "Conditional deviation z-score",
+               "Description": "Normal deviate of the conditional centile, Phi^-1(cond_centile)",
+               "Units": Z_UNITS},
+    "cond_given_missing": {"LongName": "Given IDP missing",
+                           "Description": "Whether a given IDP is missing for the subject, so that it has "
+                                          "no conditional scores",
+                           "Levels": {"true": "a given IDP is missing: no conditional scores",
+                                      "false": "every given IDP is present"}},
     "joint_z": {"LongName": "Joint deviation z-score",
                 "Description": "Normal deviate of joint_centile: how atypical the subject's IDPs are "
                                "taken together (one-sided: large positive values are atypical, negative "
                                "values closer to typical than most)", "Units": Z_UNITS},
 }
+
+
+def given_idps(table: pd.DataFrame, idps: Sequence[str] | None = None) -> list[str]:
+    """The IDPs a table's conditional scores were given (none when it has no conditional scores): in a
+    wide table those without ``<idp>_cond_centile``, in a tidy one those whose ``cond_centile`` is empty."""
+    if "idp" in table.columns:
+        if "cond_centile" not in table.columns:
+            return []
+        has = table.groupby("idp", sort=False)["cond_centile"].apply(lambda c: c.notna().any())
+        return [idp for idp, any_value in has.items() if not any_value]
+    idps = list(idps) if idps is not None else idps_of_wide(table)
+    if not any(f"{idp}_cond_centile" in table.columns for idp in idps):
+        return []
+    return [idp for idp in idps if f"{idp}_cond_centile" not in table.columns]
 
 
 def _idp_field(idp: str, field: str) -> dict:
@@ -293,9 +343,11 @@ def read_scores_table(path: str | os.PathLike) -> pd.DataFrame:
     for col in table.columns:
         if col == "tail" or col.endswith("_tail"):
             table[col] = table[col].astype("Int8")
-        elif col == "extrapolated":
+        elif col in _BOOLEAN_COLUMNS:
             table[col] = table[col].map({"true": True, "false": False, True: True, False: False}
                                         ).astype("boolean")
+        elif col == "joint_n_idps":
+            table[col] = table[col].astype("Int16")
     return table
 
 
