@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--fs-dir", type=Path, default=None,
                      help="FreeSurfer SUBJECTS_DIR; default: BIDS_DIR/derivatives/freesurfer, then "
                           "derivatives/{fmriprep,smriprep}/sourcedata/freesurfer")
+    sel.add_argument("--longitudinal", action="store_true",
+                     help="read FreeSurfer's longitudinal stream (the "
+                          "sub-<label>_ses-<label>.long.<template> folders) instead of the cross-sectional "
+                          "sub-<label>[_ses-<label>] folders")
     sel.add_argument("--idp-set", nargs="+", default=["aseg"], metavar="SET",
                      help="IDPs to model: named sets (aseg, aparc-thickness, aparc-area, aparc-volume, "
                           "global, all, ...), IDP names or globs")

@@ -38,6 +38,7 @@ class Plan:
     session_label: list[str] | None
     fs_dir: Path | None
     covariates: list[str]
+    longitudinal: bool = False  # read FreeSurfer's <timepoint>.long.<template> folders, not sub-X[_ses-Y]
     columns: dict = field(default_factory=dict)
     reference_participants: list[str] | None = None
     model_dir: Path | None = None
@@ -96,7 +97,7 @@ def run(opts) -> int:
                  quiet=opts.quiet)
             run_workflow(group_workflow(opts, plan), opts, work_dir)
         if "participant" in levels:
-            wf = participant_workflow(opts, plan)
+            wf = participant_workflow(opts, plan, work_dir)
             _say(f"participant level: scoring {len(plan.rows)} participant/session rows against "
                  f"{plan.model_dir}", quiet=opts.quiet)
             run_workflow(wf, opts, work_dir)
@@ -117,6 +118,7 @@ def group_workflow(opts, plan: Plan):
     return init_group_wf(
         bids_dir=plan.bids_dir, output_dir=plan.output_dir, fs_dir=plan.fs_dir,
         participant_label=plan.participant_label, session_label=plan.session_label,
+        longitudinal=plan.longitudinal,
         idp_set=list(plan.base_model.idps_) if plan.base_model is not None else opts.idp_set,
         covariates=plan.covariates, **plan.columns,
         reference_participants=plan.reference_participants,
@@ -128,24 +130,39 @@ def group_workflow(opts, plan: Plan):
         from_model=opts.from_model.expanduser().absolute() if opts.from_model is not None else None)
 
 
-def participant_workflow(opts, plan: Plan):
-    """The participant-level workflow for checked inputs; checks the model first if not yet done."""
+def participant_workflow(opts, plan: Plan, work_dir: Path | None = None):
+    """The participant-level workflow for checked inputs; checks the model first if not yet done.
+
+    When the group level of the same run has just scored every row with this very model, its tables are
+    reused (gathered into one table in ``work_dir``) instead of scoring the rows again; without a
+    ``work_dir`` the rows are scored again, which gives the same numbers.
+    """
     from normdiff_bids.pipeline import init_participant_wf
 
     if plan.model is None:
         _check_model(opts, plan, plan.model_dir)
     scores = None
-    if "group" in plan.levels and opts.model is None:
-        # The group level of this run has just scored every row with this very model.
-        from normdiff_bids.outputs.names import phenotype_path
-
-        scores = plan.output_dir / phenotype_path()
+    if "group" in plan.levels and opts.model is None and work_dir is not None:
+        scores = group_scores(plan.output_dir, Path(work_dir) / "group_scores.tsv")
     return init_participant_wf(
         bids_dir=plan.bids_dir, output_dir=plan.output_dir, model_dir=plan.model_dir,
         subjects=plan.rows, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
-        session_label=plan.session_label, idps=list(plan.model.idps_), **plan.columns,
+        session_label=plan.session_label, longitudinal=plan.longitudinal, idps=list(plan.model.idps_),
+        **plan.columns,
         n_samples=opts.n_samples, unknown_site=opts.unknown_site, device=opts.device,
         use_gpu=_uses_gpu(opts.device), nprocs=_nprocs(opts), scores=scores)
+
+
+def group_scores(output_dir: Path, path: Path) -> Path:
+    """Gather the group tables of ``output_dir`` into one wide table at ``path`` and return it.
+
+    The group level writes one phenotype table per session (BIDS phenotype files hold one row per
+    participant), plus one for rows without a session; the participant level reads them as one table.
+    """
+    from normdiff_bids.interfaces.tables import write_table
+    from normdiff_bids.outputs.tables import read_group_table
+
+    return Path(write_table(read_group_table(output_dir), path))
 
 
 # -- checking the inputs --------------------------------------------------------------------------
@@ -185,7 +202,8 @@ def check_inputs(opts, levels) -> Plan:
     columns = {"age_column": opts.age_column, "sex_column": opts.sex_column, "site_column": site}
     covariates = [c for c in _COVARIATE_NAMES if c != "site" or site is not None]
     plan = Plan(bids_dir=bids_dir, output_dir=output_dir, levels=levels, participant_label=participant_label,
-                session_label=session_label, fs_dir=fs_dir, covariates=covariates, columns=columns)
+                session_label=session_label, fs_dir=fs_dir, covariates=covariates, columns=columns,
+                longitudinal=bool(getattr(opts, "longitudinal", False)))
     plan.model_dir = (opts.model.expanduser().absolute() if opts.model is not None
                       else output_dir / model_dir(opts.model_name))
     if opts.model_options:
@@ -287,7 +305,8 @@ def _collect(plan: Plan, idp_set):
     from normdiff_bids.data.idps import collect_idps
 
     table, _report = collect_idps(plan.bids_dir, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
-                                  session_label=plan.session_label, idp_set=list(idp_set), **plan.columns)
+                                  session_label=plan.session_label, idp_set=list(idp_set),
+                                  longitudinal=plan.longitudinal, **plan.columns)
     if plan.participant_label:
         found = {str(p).removeprefix("sub-") for p in table["participant_id"]}
         unknown = [p for p in plan.participant_label if p not in found]
@@ -396,7 +415,8 @@ def subject_rows(table, plan: Plan) -> list[dict]:
         participant = str(row["participant_id"])
         session = row.get("session_id") if "session_id" in table.columns else None
         session = None if session is None or pd.isna(session) else str(session)
-        found = (match_freesurfer_subject(folders, participant, session, sessions.get(participant, 1))
+        found = (match_freesurfer_subject(folders, participant, session, sessions.get(participant, 1),
+                                          longitudinal=plan.longitudinal)
                  if folders is not None else None)
         rows.append({"participant_id": participant, "session_id": session,
                      "fs_subject_dir": str(found.path) if found is not None else None})
