@@ -126,7 +126,7 @@ def group_workflow(opts, plan: Plan):
         n_samples=opts.n_samples, seed=opts.seed, device=opts.device,
         model_name=opts.model_name, overwrite_model=opts.overwrite_model,
         unknown_site=opts.unknown_site, use_gpu=_uses_gpu(opts.device), model_options=plan.model_options,
-        subject_reports=reports, nprocs=_nprocs(opts),
+        subject_reports=reports, nprocs=_node_threads(opts),
         from_model=opts.from_model.expanduser().absolute() if opts.from_model is not None else None)
 
 
@@ -150,7 +150,7 @@ def participant_workflow(opts, plan: Plan, work_dir: Path | None = None):
         session_label=plan.session_label, longitudinal=plan.longitudinal, idps=list(plan.model.idps_),
         **plan.columns,
         n_samples=opts.n_samples, unknown_site=opts.unknown_site, device=opts.device,
-        use_gpu=_uses_gpu(opts.device), nprocs=_nprocs(opts), scores=scores)
+        use_gpu=_uses_gpu(opts.device), nprocs=_node_threads(opts), scores=scores)
 
 
 def group_scores(output_dir: Path, path: Path) -> Path:
@@ -216,6 +216,11 @@ def check_inputs(opts, levels) -> Plan:
         check_model_options(plan.model_options, opts.backbone)
     if (opts.plugin or "MultiProc") in _LOCAL_PLUGINS:  # a cluster's nodes may have devices this host lacks
         check_device(opts.device)
+        threads, nprocs = getattr(opts, "omp_nthreads", None), _nprocs(opts)
+        if threads and threads > nprocs:
+            _say(f"normdiff-bids: warning: --omp-nthreads {threads} is more than the {nprocs} CPU cores of "
+                 f"--nprocs; training and scoring will compete for cores (lower --omp-nthreads or raise "
+                 f"--nprocs)", always=True)
 
     if "group" in levels:
         _check_group(opts, plan)
@@ -458,8 +463,14 @@ def _nprocs(opts) -> int:
     return os.cpu_count() or 1
 
 
+def _node_threads(opts) -> int:
+    """Torch threads of a training or scoring node: ``--omp-nthreads``, else every core of ``--nprocs``."""
+    return getattr(opts, "omp_nthreads", None) or _nprocs(opts)
+
+
 def plugin_settings(opts) -> tuple[str, dict]:
-    """Nipype plugin name and arguments from ``--plugin``, ``--plugin-args`` and ``--nprocs``."""
+    """Nipype plugin name and arguments from ``--plugin``, ``--plugin-args``, ``--nprocs`` and
+    ``--mem-gb``; values in ``--plugin-args`` win over the flags."""
     nprocs = _nprocs(opts)
     plugin = opts.plugin or ("Linear" if nprocs == 1 else "MultiProc")
     args: dict = {}
@@ -473,6 +484,8 @@ def plugin_settings(opts) -> tuple[str, dict]:
                              f"got {opts.plugin_args!r}")
     if plugin == "MultiProc":
         args.setdefault("n_procs", nprocs)
+        if getattr(opts, "mem_gb", None):
+            args.setdefault("memory_gb", float(opts.mem_gb))
         # Workers start from a fresh interpreter: forking a process that already ran torch kernels can
         # deadlock OpenMP in the child.
         args.setdefault("mp_context", "forkserver")
@@ -502,7 +515,9 @@ def run_workflow(wf, opts, work_dir: Path) -> None:
         "crashdump_dir": str(crash_dir),
         "crashfile_format": "txt",
         "poll_sleep_duration": 0.2,  # MultiProc's scheduler loop; shorter wastes a core on polling
-        "stop_on_first_crash": True,
+        # Without it, steps that do not depend on a failed one (other participants) still run, and every
+        # failure is reported at the end.
+        "stop_on_first_crash": bool(getattr(opts, "stop_on_first_crash", False)),
         "remove_unnecessary_outputs": False,
     })
     nipype_config.set("execution", "check_version", "false")
@@ -529,29 +544,84 @@ def _worker_logging_config(levels: dict) -> None:
 
 
 class NodeError(NormdiffError):
-    """A workflow node failed; carries the message (and exit code) of the error that caused it."""
+    """A workflow node failed; carries the message (and exit code) of the error that caused it.
+
+    ``failures``: one ``{"node", "message", "crash_file"}`` entry per failed node (either of the node and
+    its crash file may be None when Nipype left no crash file).
+    """
+
+    def __init__(self, message: str, failures: list[dict] | None = None):
+        super().__init__(message)
+        self.failures = list(failures or [])
 
 
 def node_error(exc: BaseException, crash_dir: Path) -> NormdiffError:
-    """The user-facing error behind a failed workflow, recovered from the exception or the crash files."""
+    """The user-facing error behind a failed workflow, recovered from the exception or the crash files.
+
+    One failed node gives the message of the error that caused it (as if it had been raised here);
+    several (a run that went on after the first failure) give one line per failed node.
+    """
+    crash_files = sorted(crash_dir.glob("crash-*")) if crash_dir.is_dir() else []
+    failures = [_failure(path) for path in crash_files]
+    if len(failures) > 1:
+        return _several_failures(failures, crash_dir)
     texts = []
     seen = exc
     while seen is not None:
         texts.append(str(seen))
         seen = seen.__cause__ or seen.__context__
-    crash_files = sorted(crash_dir.glob("crash-*")) if crash_dir.is_dir() else []
     texts.extend(p.read_text(errors="replace") for p in crash_files)
+    failure = {"node": failures[0]["node"] if failures else None,
+               "crash_file": os.fspath(crash_files[0]) if crash_files else None}
     for text in texts:
         found = _user_message(text)
         if found is not None:
             name, message = found
-            error = NodeError(message)  # the node's own message, as if it had been raised here
-            error.exit_code = OutputError.exit_code if name == "OutputError" else NormdiffError.exit_code
+            # the node's own message, as if it had been raised here
+            error = NodeError(message, [{**failure, "message": message}])
+            error.exit_code = _exit_code(name)
             return error
     where = f"; crash report: {crash_files[0]}" if crash_files else ""
     last = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-    error = NodeError(f"a processing step failed: {last}{where}; rerun with -vv for the full log")
+    error = NodeError(f"a processing step failed: {last}{where}; rerun with -vv for the full log",
+                      [{**failure, "message": last}])
     error.exit_code = 1
+    return error
+
+
+def _exit_code(error_name: str | None) -> int:
+    """Exit status of a failure: 3 for an unsafe output folder, 2 for other user errors, 1 otherwise."""
+    if error_name is None:
+        return 1
+    return OutputError.exit_code if error_name == "OutputError" else NormdiffError.exit_code
+
+
+def _failure(crash_file: Path) -> dict:
+    """What one Nipype crash file says: the node (without the top workflow's name), its error and message."""
+    text = crash_file.read_text(errors="replace")
+    first = text.split("\n", 1)[0]
+    node = first.removeprefix("Node: ").strip() if first.startswith("Node: ") else crash_file.name
+    node = node.split(".", 1)[1] if "." in node else node
+    found = _user_message(text)
+    if found is not None:
+        error_name, message = found
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        error_name, message = None, lines[-1] if lines else "no error message"
+    return {"node": node, "error": error_name, "message": message, "crash_file": os.fspath(crash_file)}
+
+
+def _several_failures(failures: list[dict], crash_dir: Path) -> NodeError:
+    lines = [f"{len(failures)} processing steps failed (the steps that did not depend on them ran):"]
+    for failure in failures:
+        message = failure["message"].replace("\n", "\n      ")
+        lines.append(f"  - {failure['node']}: {message}")
+    lines.append(f"crash reports: {crash_dir}; rerun with -vv for the full log, or with "
+                 f"--stop-on-first-crash to stop at the first failure")
+    error = NodeError("\n".join(lines), [{k: f[k] for k in ("node", "message", "crash_file")}
+                                         for f in failures])
+    codes = {_exit_code(f["error"]) for f in failures}
+    error.exit_code = 1 if 1 in codes else max(codes)
     return error
 
 
