@@ -9,7 +9,14 @@ from types import SimpleNamespace
 import pytest
 
 from normdiff_bids.cli.parser import build_parser
-from normdiff_bids.cli.run import NodeError, check_inputs, group_workflow, plugin_settings, run_workflow
+from normdiff_bids.cli.run import (
+    NodeError,
+    check_inputs,
+    group_workflow,
+    main,
+    plugin_settings,
+    run_workflow,
+)
 
 
 def _parse(*extra):
@@ -51,6 +58,16 @@ def test_mem_gb_goes_to_multiproc_and_plugin_args_win():
     assert "memory_gb" not in args  # absent flag: MultiProc measures the machine, as before
     plugin, args = plugin_settings(_parse("--nprocs", "1", "--mem-gb", "2"))
     assert plugin == "Linear" and args == {}
+
+
+@pytest.mark.parametrize(("plugin_args", "expected"), [("{n_procs: 2", "not valid JSON"),
+                                                       ("[2]", "must be a JSON object")])
+def test_bad_plugin_args_are_refused_before_the_output_folder_is_touched(bids, tmp_path, capsys,
+                                                                         plugin_args, expected):
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "group", "--plugin-args", plugin_args, "--quiet"]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("extra", "threads"), [([], 3), (["--omp-nthreads", "2"], 2)])

@@ -214,6 +214,7 @@ def check_inputs(opts, levels) -> Plan:
         if not isinstance(plan.model_options, dict):
             raise InputError(f"--model-options must be a JSON object; got {opts.model_options!r}")
         check_model_options(plan.model_options, opts.backbone)
+    plugin_settings(opts)  # a malformed --plugin-args stops the run here, before anything is written
     if (opts.plugin or "MultiProc") in _LOCAL_PLUGINS:  # a cluster's nodes may have devices this host lacks
         check_device(opts.device)
         threads, nprocs = getattr(opts, "omp_nthreads", None), _nprocs(opts)
