@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from normdiff_bids.cli.parser import build_parser
@@ -47,6 +48,7 @@ class Plan:
     base_model: object = None  # the model --from-model adapts (group level)
     rows: list[dict] = field(default_factory=list)  # rows the participant level writes files for
     table: object = None  # the IDP table collected while checking (pandas DataFrame)
+    group_done: bool = False  # the group level of this run has finished (its model is installed)
 
 
 def main(argv=None) -> int:
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     if opts.quiet:
         os.environ["NORMDIFF_QUIET"] = "1"
     try:
-        return run(opts)
+        return run(opts, list(sys.argv[1:] if argv is None else argv))
     except NormdiffError as exc:
         _say(f"normdiff-bids: error: {exc}", always=True)
         return exc.exit_code
@@ -79,31 +81,118 @@ def main(argv=None) -> int:
                 os.environ[key] = value
 
 
-def run(opts) -> int:
-    """Check the inputs of ``opts`` (parsed arguments), then run the requested levels in order."""
+def run(opts, argv: list[str] | None = None) -> int:
+    """Check the inputs of ``opts`` (parsed from ``argv``, default ``sys.argv[1:]``), then run the
+    requested levels in order.
+
+    Once the inputs are checked, every run leaves its record in ``OUTPUT_DIR/logs/run-<UTC start>.json``
+    (what was run and how it ended, crash reports of failed steps beside it) and the methods text of the
+    model it used in ``logs/CITATION.md`` / ``.bib``.
+    """
     start = time.monotonic()
+    started = datetime.now(UTC)
     levels = [lv for lv in ("group", "participant") if lv in opts.analysis_level]
     plan = check_inputs(opts, levels)
 
     from normdiff_bids.outputs.dataset import prepare_output_dir
+    from normdiff_bids.outputs.runlog import RunRecord
 
     # Only now, with every input checked, is the output folder touched.
     plan.output_dir = prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=plan.fs_dir)
-    with _work_dir(opts.work_dir) as work_dir:
-        if "group" in levels:
-            what = (f"adapting {opts.from_model} to the new sites of" if opts.from_model is not None
-                    else f"fitting a {opts.backbone} model on")
-            _say(f"group level: {what} {len(plan.reference_participants)} reference participants",
-                 quiet=opts.quiet)
-            run_workflow(group_workflow(opts, plan), opts, work_dir)
-        if "participant" in levels:
-            wf = participant_workflow(opts, plan, work_dir)
-            _say(f"participant level: scoring {len(plan.rows)} participant/session rows against "
-                 f"{plan.model_dir}", quiet=opts.quiet)
-            run_workflow(wf, opts, work_dir)
-    _say(f"normdiff-bids finished in {time.monotonic() - start:.0f} s; outputs in {plan.output_dir}",
-         quiet=opts.quiet)
+    record = RunRecord.start(plan.output_dir, run_description(opts, plan, argv), started)
+    try:
+        with _work_dir(opts.work_dir) as work_dir:
+            if "group" in levels:
+                what = (f"adapting {opts.from_model} to the new sites of" if opts.from_model is not None
+                        else f"fitting a {opts.backbone} model on")
+                _say(f"group level: {what} {len(plan.reference_participants)} reference participants",
+                     quiet=opts.quiet)
+                run_workflow(group_workflow(opts, plan), opts, work_dir, crash_dir=record.crash_dir)
+                plan.group_done = True
+            if "participant" in levels:
+                wf = participant_workflow(opts, plan, work_dir)
+                _say(f"participant level: scoring {len(plan.rows)} participant/session rows against "
+                     f"{plan.model_dir}", quiet=opts.quiet)
+                run_workflow(wf, opts, work_dir, crash_dir=record.crash_dir)
+    except BaseException as exc:
+        _close_record(record, opts, plan, time.monotonic() - start, exc)
+        raise
+    _close_record(record, opts, plan, time.monotonic() - start, None)
+    _say(f"normdiff-bids finished in {time.monotonic() - start:.0f} s; outputs in {plan.output_dir} "
+         f"(run record: {record.path.relative_to(plan.output_dir)})", quiet=opts.quiet)
     return 0
+
+
+def run_description(opts, plan: Plan, argv: list[str] | None = None) -> dict:
+    """What the run record says about a run before it starts: command line, options as given and as
+    resolved, package versions and platform."""
+    import platform
+    import shlex
+
+    from normdiff_bids.bidsio import json_ready
+    from normdiff_bids.data.bids import find_freesurfer_dir
+    from normdiff_bids.outputs.runlog import package_versions
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugin, plugin_args = plugin_settings(opts)
+    fs_dir = find_freesurfer_dir(plan.bids_dir, plan.fs_dir)
+    resolved = {
+        "bids_dir": plan.bids_dir, "output_dir": plan.output_dir, "fs_dir": fs_dir,
+        "longitudinal": plan.longitudinal, "analysis_levels": plan.levels,
+        "participant_label": plan.participant_label, "session_label": plan.session_label,
+        "model_dir": plan.model_dir, "model_options": plan.model_options, "covariates": plan.covariates,
+        "columns": plan.columns, "use_gpu": _uses_gpu(opts.device),
+        "n_rows": int(len(plan.table)) if plan.table is not None else None,
+        "n_reference_participants": (len(plan.reference_participants)
+                                     if plan.reference_participants is not None else None),
+        "plugin": plugin, "plugin_args": plugin_args, "nprocs": _nprocs(opts),
+        "omp_nthreads": _node_threads(opts),
+        "work_dir": opts.work_dir.expanduser().absolute() if opts.work_dir is not None else "temporary",
+    }
+    return json_ready({
+        "command_line": shlex.join(["normdiff-bids", *argv]),
+        "arguments": argv,
+        "options": vars(opts),
+        "resolved": resolved,
+        "versions": package_versions(),
+        "platform": platform.platform(),
+    })
+
+
+def _close_record(record, opts, plan: Plan, seconds: float, exc: BaseException | None) -> None:
+    """Complete the run record and write the methods text; a failure here is a warning, so that it never
+    hides how the run itself ended."""
+    from normdiff_bids.outputs.runlog import write_citation
+
+    ended = datetime.now(UTC)
+    if exc is None:
+        status, code, error, failures = "success", 0, None, None
+    elif isinstance(exc, KeyboardInterrupt):
+        status, code, error, failures = "interrupted", 130, "interrupted", None
+    else:
+        code = exc.exit_code if isinstance(exc, NormdiffError) else 1
+        error = str(exc) if isinstance(exc, NormdiffError) else f"{type(exc).__name__}: {exc}"
+        status, failures = "failed", getattr(exc, "failures", None)
+    try:
+        record.finish(status, code, ended, seconds=seconds, error=error, failures=failures)
+        write_citation(plan.output_dir, _used_model_card(opts, plan))
+    except (OSError, NormdiffError) as problem:
+        _say(f"normdiff-bids: warning: the run record {record.path} could not be written: {problem}",
+             always=True)
+
+
+def _used_model_card(opts, plan: Plan) -> dict | None:
+    """The card of the model the run used: the participant level's, else the one the group level
+    installed (None when the run ended before its model was known)."""
+    if plan.model is not None:
+        return plan.model.model_card()
+    if plan.group_done:
+        from normdiff_bids.outputs.names import model_card_path
+
+        path = plan.output_dir / model_card_path(opts.model_name)
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def group_workflow(opts, plan: Plan):
@@ -494,8 +583,11 @@ def plugin_settings(opts) -> tuple[str, dict]:
     return plugin, args
 
 
-def run_workflow(wf, opts, work_dir: Path) -> None:
-    """Run ``wf`` in ``work_dir``; a node failure is raised as the user-facing error that caused it."""
+def run_workflow(wf, opts, work_dir: Path, crash_dir: Path | None = None) -> None:
+    """Run ``wf`` in ``work_dir``; a node failure is raised as the user-facing error that caused it.
+
+    Crash reports of failed steps go to ``crash_dir`` (default ``work_dir/crash/<time>``).
+    """
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
@@ -505,7 +597,7 @@ def run_workflow(wf, opts, work_dir: Path) -> None:
     for key in ("workflow_level", "interface_level", "utils_level"):
         nipype_config.set("logging", key, level)
     nipype_logging.update_logging(nipype_config)
-    crash_dir = work_dir / "crash" / time.strftime("%Y%m%d-%H%M%S")
+    crash_dir = crash_dir if crash_dir is not None else work_dir / "crash" / time.strftime("%Y%m%d-%H%M%S")
     wf.base_dir = str(work_dir)
     # ... each node applies the workflow's own copy, and MultiProc workers (fresh interpreters) read it
     # from the configuration folder named in the environment they inherit.

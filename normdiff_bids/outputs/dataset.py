@@ -58,6 +58,9 @@ conditional denoising diffusion normative model (normdiff-bids {version}).
 - `phenotype/normdiff_deviations[_ses-<label>].tsv`: group tables, one row per participant (one file per
   session in longitudinal datasets, as BIDS phenotype files hold one row per participant).
 - `models/`: trained model bundles and their model cards.
+- `logs/run-<UTC start>.json`: the record of each run (command line, options, package versions, times,
+  failed steps; their crash reports in `logs/run-<UTC start>/`); `logs/CITATION.md` and
+  `logs/CITATION.bib`: a methods paragraph for the model used, and its references.
 
 Files BIDS has no name for are listed in `.bidsignore`.
 """
