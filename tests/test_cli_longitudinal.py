@@ -103,7 +103,9 @@ def test_longitudinal_runs_are_read_and_painted_into(long_out, long_bids):
         assert (group["Left-Hippocampus_value"] == values).all() == same
     sidecar = json.loads((long_out / "sub-001" / "ses-02" / "anat" /
                           "sub-001_ses-02_desc-volume_zmap.json").read_text())
-    assert "/sub-001_ses-02.long.sub-001/mri/" in sidecar["Sources"][0]
+    assert sidecar["SpatialReference"] == "bids:freesurfer:sub-001_ses-02.long.sub-001/mri/aparc+aseg.mgz"
+    links = json.loads((long_out / "dataset_description.json").read_text())["DatasetLinks"]
+    assert links == {"raw": "../..", "freesurfer": "../freesurfer"}  # the output lies inside the dataset
 
 
 @pytest.mark.slow

@@ -94,11 +94,14 @@ def run(opts, argv: list[str] | None = None) -> int:
     levels = [lv for lv in ("group", "participant") if lv in opts.analysis_level]
     plan = check_inputs(opts, levels)
 
+    from normdiff_bids.data.bids import find_freesurfer_dir
     from normdiff_bids.outputs.dataset import prepare_output_dir
     from normdiff_bids.outputs.runlog import RunRecord
 
-    # Only now, with every input checked, is the output folder touched.
-    plan.output_dir = prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=plan.fs_dir)
+    # Only now, with every input checked, is the output folder touched. The FreeSurfer folder read
+    # (given or found) is linked, so that the maps' sidecars can name their label volumes by BIDS URI.
+    plan.output_dir = prepare_output_dir(plan.output_dir, plan.bids_dir,
+                                         fs_dir=find_freesurfer_dir(plan.bids_dir, plan.fs_dir))
     record = RunRecord.start(plan.output_dir, run_description(opts, plan, argv), started)
     try:
         with _work_dir(opts.work_dir) as work_dir:

@@ -34,6 +34,23 @@ ZMAP_SUFFIX = "zmap"
 #: The per-subject deviation table: ``sub-01[_ses-1]_desc-deviations_scores.tsv``.
 SCORES_DESC = "deviations"
 
+#: Every ``desc-<label>`` the derivatives use and what it means: ``descriptions.tsv`` at the root.
+DESCRIPTIONS: dict[str, str] = {
+    SCORES_DESC: "Normative deviation scores of the subject's FreeSurfer IDPs under the normdiff-bids model: "
+                 "one row per IDP with its value, centile, z-score and tail flag, and the joint deviation of "
+                 "all IDPs",
+    "volume": "Normative deviation (z) of each region's volume, painted into the subject's FreeSurfer "
+              "aparc+aseg (NIfTI) or onto its white surface (GIfTI); NaN where no region was scored",
+    "thickness": "Normative deviation (z) of each cortical region's mean thickness, painted into the "
+                 "subject's FreeSurfer aparc+aseg (NIfTI) or onto its white surface (GIfTI); NaN where no "
+                 "region was scored",
+    "area": "Normative deviation (z) of each cortical region's white-surface area, painted into the "
+            "subject's FreeSurfer aparc+aseg (NIfTI) or onto its white surface (GIfTI); NaN where no region "
+            "was scored",
+}
+DESCRIPTIONS_TABLE = "descriptions.tsv"
+DESCRIPTIONS_SIDECAR = "descriptions.json"
+
 #: Group tables: BIDS phenotype files (``phenotype/<name>.tsv``).
 PHENOTYPE_DIR = "phenotype"
 GROUP_TABLE_NAME = "normdiff_deviations"
