@@ -48,11 +48,12 @@ def _reserve(node: pe.Node, nprocs: int | None) -> None:
 
 
 def _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set, age_column, sex_column,
-                  site_column, name="collect_idps") -> pe.Node:
+                  site_column, longitudinal=False, name="collect_idps") -> pe.Node:
     # The dataset is re-read on every run (a dataset re-generated at the same path must not come from the
     # cache); the workflows hash files by content, so an unchanged table still lets later steps resume.
     node = pe.Node(CollectIDPs(bids_dir=os.fspath(bids_dir), idp_set=list(idp_set), age_column=age_column,
-                               sex_column=sex_column, site_column=site_column, rescan=True), name=name)
+                               sex_column=sex_column, site_column=site_column,
+                               longitudinal=bool(longitudinal), rescan=True), name=name)
     _optional(node, fs_dir=os.fspath(fs_dir) if fs_dir else None,
               participant_label=list(participant_label or []), session_label=list(session_label or []))
     return node
@@ -65,7 +66,8 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
                   n_samples=None, seed=0, device="auto", use_gpu=False, model_name="default",
                   overwrite_model=False, unknown_site="error", model_options: Mapping | None = None,
                   subject_reports: Sequence[str] = (), nprocs: int | None = None, from_model=None,
-                  condition_on: Sequence[str] = (), name="normdiff_group_wf") -> pe.Workflow:
+                  longitudinal=False, condition_on: Sequence[str] = (),
+                  name="normdiff_group_wf") -> pe.Workflow:
     """Group level: collect IDPs, fit on the reference (held-out evaluation), score everyone, write
     ``phenotype/`` tables, the group report, and finally install the model under ``models/<name>``.
 
@@ -76,10 +78,12 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
     ``from_model``: a trained bundle to adapt to this dataset's new sites instead of training from
     scratch (:class:`AdaptNormativeModel`); the rest of the workflow is the same. ``condition_on``:
     IDPs every other IDP is also scored conditionally on (``<idp>_cond_centile``, ``<idp>_cond_z``).
+    ``longitudinal``: read FreeSurfer's ``<timepoint>.long.<template>`` folders instead of the
+    cross-sectional ones.
     """
     wf = _workflow(name)
     collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set,
-                            age_column, sex_column, site_column)
+                            age_column, sex_column, site_column, longitudinal)
     if from_model is None:
         train = pe.Node(TrainNormativeModel(covariates=list(covariates), holdout_fraction=holdout_fraction,
                                             backbone=backbone, seed=seed, device=device, use_gpu=use_gpu),
@@ -127,7 +131,7 @@ def selection_name(subjects: Sequence[Mapping], model_dir, scores=None) -> str:
 
 
 def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[Mapping], fs_dir=None,
-                        participant_label=None, session_label=None, idps: Sequence[str],
+                        participant_label=None, session_label=None, longitudinal=False, idps: Sequence[str],
                         age_column="age", sex_column="sex", site_column="site", n_samples=None,
                         unknown_site="error", device="auto", use_gpu=False, nprocs: int | None = None,
                         scores=None, batches: int | None = None, condition_on: Sequence[str] = (),
@@ -155,7 +159,7 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
         score.inputs.scores = os.fspath(scores)
     else:
         collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idps,
-                                age_column, sex_column, site_column)
+                                age_column, sex_column, site_column, longitudinal)
         score = pe.Node(ScoreDeviations(model_dir=os.fspath(model_dir), unknown_site=unknown_site,
                                         device=device, use_gpu=use_gpu), name="score")
         _reserve(score, nprocs)

@@ -149,7 +149,7 @@ def test_quiet_is_passed_to_workers_through_the_environment_and_then_restored(tm
     monkeypatch.delenv("NORMDIFF_QUIET", raising=False)
     seen = {}
 
-    def fake_run(opts):
+    def fake_run(opts, argv=None):
         seen["quiet"] = os.environ.get("NORMDIFF_QUIET")
         seen["et"] = os.environ.get("NIPYPE_NO_ET")
         return 0

@@ -16,12 +16,15 @@ from outputs_helpers import write_worker
 
 from normdiff_bids import __version__
 from normdiff_bids.errors import OutputError
+from normdiff_bids.outputs import names
 from normdiff_bids.outputs.dataset import (
     BIDSIGNORE_PATTERNS,
+    bids_uri,
     check_output_dir,
     generated_by,
     prepare_output_dir,
 )
+from normdiff_bids.outputs.regions import MAP_MEASURES
 from normdiff_bids.outputs.tables import read_group_table
 
 
@@ -50,6 +53,69 @@ def test_description_names_the_pipeline_and_its_source(tmp_path, bids_dir):
     ignore = (out / ".bidsignore").read_text().splitlines()
     assert ignore == list(BIDSIGNORE_PATTERNS)
     assert (out / "README.md").read_text().startswith("# normdiff-bids derivatives")
+
+
+def test_an_output_inside_the_dataset_links_it_by_relative_paths(tmp_path, bids_dir):
+    fs = bids_dir / "derivatives" / "freesurfer"
+    fs.mkdir(parents=True)
+    elsewhere = tmp_path / "fs-elsewhere"
+    elsewhere.mkdir()
+    out = prepare_output_dir(bids_dir / "derivatives" / "normdiff", bids_dir, fs_dir=fs, environ={})
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetLinks"] == {"raw": "../..", "freesurfer": "../freesurfer"}
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:", "DOI": "doi:10.1234/abcd", "Version": "2.0"}]
+    assert (out / desc["DatasetLinks"]["raw"]).resolve() == bids_dir.resolve()
+    aparc = fs / "sub-01" / "mri" / "aparc+aseg.mgz"
+    assert bids_uri(out, aparc) == "bids:freesurfer:sub-01/mri/aparc+aseg.mgz"
+    assert bids_uri(out, bids_dir / "participants.tsv") == "bids:raw:participants.tsv"
+    assert bids_uri(out, elsewhere / "x.mgz") == (elsewhere / "x.mgz").resolve().as_uri()
+    # a FreeSurfer folder outside the dataset does not move with it: an absolute link
+    other = prepare_output_dir(bids_dir / "derivatives" / "other", bids_dir, fs_dir=elsewhere, environ={})
+    links = json.loads((other / "dataset_description.json").read_text())["DatasetLinks"]
+    assert links == {"raw": "../..", "freesurfer": elsewhere.resolve().as_uri()}
+
+
+def test_an_absolute_link_of_an_earlier_run_takes_the_relative_spelling(bids_dir):
+    out = bids_dir / "derivatives" / "normdiff"
+    out.mkdir(parents=True)
+    (out / "dataset_description.json").write_text(json.dumps({
+        "Name": "normdiff-bids normative deviations", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "normdiff-bids", "Version": __version__}],
+        "SourceDatasets": [{"URL": bids_dir.resolve().as_uri(), "DOI": "doi:10.1234/abcd"}],
+        "DatasetLinks": {"raw": bids_dir.resolve().as_uri(), "atlas": "https://example.org/atlas"}}))
+    prepare_output_dir(out, bids_dir, environ={})
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetLinks"] == {"raw": "../..", "atlas": "https://example.org/atlas"}
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:", "DOI": "doi:10.1234/abcd", "Version": "2.0"}]
+
+
+def test_a_link_of_the_same_name_to_another_dataset_is_kept_and_the_source_follows(tmp_path, bids_dir):
+    out = bids_dir / "derivatives" / "normdiff"
+    out.mkdir(parents=True)
+    (out / "dataset_description.json").write_text(json.dumps({
+        "Name": "n", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "normdiff-bids", "Version": __version__}],
+        "DatasetLinks": {"raw": (tmp_path / "another").as_uri()}}))
+    prepare_output_dir(out, bids_dir, environ={})
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetLinks"] == {"raw": (tmp_path / "another").as_uri(), "raw2": "../.."}
+    assert desc["SourceDatasets"][0]["URL"] == "bids:raw2:"
+
+
+def test_descriptions_tsv_lists_every_desc_label_and_keeps_other_rows(tmp_path, bids_dir):
+    assert set(names.DESCRIPTIONS) == {names.SCORES_DESC, *MAP_MEASURES}  # every label the names use
+    out = prepare_output_dir(tmp_path / "deriv", bids_dir, environ={})
+    lines = (out / "descriptions.tsv").read_text().splitlines()
+    assert lines[0] == "desc_id\tdescription"
+    rows = dict(line.split("\t") for line in lines[1:])
+    assert set(rows) == {f"desc-{label}" for label in names.DESCRIPTIONS}
+    assert all(len(text) > 40 for text in rows.values())
+    sidecar = json.loads((out / "descriptions.json").read_text())
+    assert {"Description", "desc_id", "description"} <= set(sidecar)
+    with open(out / "descriptions.tsv", "a") as fh:
+        fh.write("desc-mine\tsomething a user added\n")
+    prepare_output_dir(out, bids_dir, environ={})
+    assert (out / "descriptions.tsv").read_text().splitlines()[-1] == "desc-mine\tsomething a user added"
 
 
 def test_container_is_recorded_when_the_environment_says_so():

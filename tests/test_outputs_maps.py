@@ -150,3 +150,27 @@ def test_subjects_without_surfaces_get_volume_maps_only(tmp_path):
     assert [p.name for p in written["thickness"]] == ["sub-02_ses-1_desc-thickness_zmap.nii.gz",
                                                       "sub-02_ses-1_desc-thickness_zmap.json"]
     assert "surfaces" not in written
+
+
+def test_a_map_names_the_label_volume_it_lies_on(tmp_path):
+    from normdiff_bids.outputs.dataset import prepare_output_dir
+
+    raw = tmp_path / "bids"
+    raw.mkdir()
+    (raw / "dataset_description.json").write_text(json.dumps({"Name": "raw", "BIDSVersion": "1.10.0"}))
+    fs = raw / "derivatives" / "freesurfer"
+    write_tiny_freesurfer_subject(fs / "sub-01_ses-1", with_surfaces=False)
+    tidy, cov = tiny_scores()
+    row = scores_to_wide(tidy, cov).iloc[0]
+    out = prepare_output_dir(raw / "derivatives" / "normdiff", raw, fs_dir=fs)
+    written = write_deviation_maps(out, row, fs / "sub-01_ses-1", measures=("volume",))
+    sidecar = json.loads(written["volume"][1].read_text())
+    # the map is on the grid of that aparc+aseg (the subject's FreeSurfer space): a BIDS URI through the
+    # dataset's link to the FreeSurfer folder
+    assert sidecar["SpatialReference"] == "bids:freesurfer:sub-01_ses-1/mri/aparc+aseg.mgz"
+    assert sidecar["Sources"] == [sidecar["SpatialReference"]]
+    # outside a derivatives dataset that links the FreeSurfer folder: its file URI
+    alone = write_deviation_map(row, fs / "sub-01_ses-1" / "mri" / "aparc+aseg.mgz", tmp_path / "m.nii.gz",
+                                "volume")
+    reference = json.loads(alone.with_name("m.json").read_text())["SpatialReference"]
+    assert reference == (fs / "sub-01_ses-1" / "mri" / "aparc+aseg.mgz").resolve().as_uri()

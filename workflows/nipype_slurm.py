@@ -80,9 +80,10 @@ def main(argv=None) -> int:
         print(f"  {node}")
     if dry_run:
         return 0
+    from normdiff_bids.data.bids import find_freesurfer_dir
     from normdiff_bids.outputs.dataset import prepare_output_dir
 
-    prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=plan.fs_dir)
+    prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=find_freesurfer_dir(plan.bids_dir, plan.fs_dir))
     wf.run(plugin="SLURM", plugin_args=plugin_args)
     return 0
 

@@ -35,6 +35,16 @@ _positive_int = _whole_number(1)
 _non_negative_int = _whole_number(0)
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number above 0")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -85,9 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="participants to process (with or without 'sub-'); default: all")
     sel.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL", default=None,
                      help="sessions to process (with or without 'ses-'); default: all")
-    sel.add_argument("--fs-dir", type=Path, default=None,
+    sel.add_argument("--fs-dir", "--fs-subjects-dir", type=Path, default=None,
                      help="FreeSurfer SUBJECTS_DIR; default: BIDS_DIR/derivatives/freesurfer, then "
                           "derivatives/{fmriprep,smriprep}/sourcedata/freesurfer")
+    sel.add_argument("--longitudinal", action="store_true",
+                     help="read FreeSurfer's longitudinal stream (the "
+                          "sub-<label>_ses-<label>.long.<template> folders) instead of the cross-sectional "
+                          "sub-<label>[_ses-<label>] folders")
     sel.add_argument("--idp-set", nargs="+", default=["aseg"], metavar="SET",
                      help="IDPs to model: named sets (aseg, aparc-thickness, aparc-area, aparc-volume, "
                           "global, all, ...), IDP names or globs")
@@ -143,12 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-w", "--work-dir", type=Path, default=None,
                      help="Nipype working folder (cache): rerunning with the same folder resumes a crashed "
                           "run; default: a temporary folder removed at the end")
-    run.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=None,
-                     help="processes for the MultiProc plugin; default: all CPUs")
+    run.add_argument("--nprocs", "--n-cpus", "--n_cpus", "--nthreads", type=_positive_int, default=None,
+                     help="CPU cores to use: processes of the MultiProc plugin; default: all CPUs")
+    run.add_argument("--omp-nthreads", type=_positive_int, default=None,
+                     help="torch threads of each training or scoring process (and the cores MultiProc "
+                          "reserves for it); default: --nprocs")
+    run.add_argument("--mem-gb", type=_positive_number, default=None, metavar="GB",
+                     help="memory the MultiProc plugin may schedule, in GB (its memory_gb); default: what "
+                          "the machine has")
     run.add_argument("--plugin", choices=PLUGINS, default=None,
                      help="Nipype plugin; default: MultiProc, or Linear when --nprocs is 1")
     run.add_argument("--plugin-args", default=None, metavar="JSON",
                      help="plugin arguments as a JSON object, e.g. '{\"sbatch_args\": \"-p short\"}'")
+    run.add_argument("--stop-on-first-crash", action="store_true",
+                     help="stop at the first failed step; default: run every step that does not depend on "
+                          "a failed one (other participants), then list the failures and exit non-zero")
     run.add_argument("--quiet", action="store_true", help="no progress bars (sets NORMDIFF_QUIET=1)")
     run.add_argument("-v", "--verbose", action="count", default=0,
                      help="more log output (-vv: Nipype node messages and full tracebacks)")

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from normdiff_bids.cli.parser import build_parser
@@ -38,6 +39,7 @@ class Plan:
     session_label: list[str] | None
     fs_dir: Path | None
     covariates: list[str]
+    longitudinal: bool = False  # read FreeSurfer's <timepoint>.long.<template> folders, not sub-X[_ses-Y]
     columns: dict = field(default_factory=dict)
     reference_participants: list[str] | None = None
     model_dir: Path | None = None
@@ -46,6 +48,7 @@ class Plan:
     base_model: object = None  # the model --from-model adapts (group level)
     rows: list[dict] = field(default_factory=list)  # rows the participant level writes files for
     table: object = None  # the IDP table collected while checking (pandas DataFrame)
+    group_done: bool = False  # the group level of this run has finished (its model is installed)
 
 
 def main(argv=None) -> int:
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     if opts.quiet:
         os.environ["NORMDIFF_QUIET"] = "1"
     try:
-        return run(opts)
+        return run(opts, list(sys.argv[1:] if argv is None else argv))
     except NormdiffError as exc:
         _say(f"normdiff-bids: error: {exc}", always=True)
         return exc.exit_code
@@ -78,31 +81,121 @@ def main(argv=None) -> int:
                 os.environ[key] = value
 
 
-def run(opts) -> int:
-    """Check the inputs of ``opts`` (parsed arguments), then run the requested levels in order."""
+def run(opts, argv: list[str] | None = None) -> int:
+    """Check the inputs of ``opts`` (parsed from ``argv``, default ``sys.argv[1:]``), then run the
+    requested levels in order.
+
+    Once the inputs are checked, every run leaves its record in ``OUTPUT_DIR/logs/run-<UTC start>.json``
+    (what was run and how it ended, crash reports of failed steps beside it) and the methods text of the
+    model it used in ``logs/CITATION.md`` / ``.bib``.
+    """
     start = time.monotonic()
+    started = datetime.now(UTC)
     levels = [lv for lv in ("group", "participant") if lv in opts.analysis_level]
     plan = check_inputs(opts, levels)
 
+    from normdiff_bids.data.bids import find_freesurfer_dir
     from normdiff_bids.outputs.dataset import prepare_output_dir
+    from normdiff_bids.outputs.runlog import RunRecord
 
-    # Only now, with every input checked, is the output folder touched.
-    plan.output_dir = prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=plan.fs_dir)
-    with _work_dir(opts.work_dir) as work_dir:
-        if "group" in levels:
-            what = (f"adapting {opts.from_model} to the new sites of" if opts.from_model is not None
-                    else f"fitting a {opts.backbone} model on")
-            _say(f"group level: {what} {len(plan.reference_participants)} reference participants",
-                 quiet=opts.quiet)
-            run_workflow(group_workflow(opts, plan), opts, work_dir)
-        if "participant" in levels:
-            wf = participant_workflow(opts, plan)
-            _say(f"participant level: scoring {len(plan.rows)} participant/session rows against "
-                 f"{plan.model_dir}", quiet=opts.quiet)
-            run_workflow(wf, opts, work_dir)
-    _say(f"normdiff-bids finished in {time.monotonic() - start:.0f} s; outputs in {plan.output_dir}",
-         quiet=opts.quiet)
+    # Only now, with every input checked, is the output folder touched. The FreeSurfer folder read
+    # (given or found) is linked, so that the maps' sidecars can name their label volumes by BIDS URI.
+    plan.output_dir = prepare_output_dir(plan.output_dir, plan.bids_dir,
+                                         fs_dir=find_freesurfer_dir(plan.bids_dir, plan.fs_dir))
+    record = RunRecord.start(plan.output_dir, run_description(opts, plan, argv), started)
+    try:
+        with _work_dir(opts.work_dir) as work_dir:
+            if "group" in levels:
+                what = (f"adapting {opts.from_model} to the new sites of" if opts.from_model is not None
+                        else f"fitting a {opts.backbone} model on")
+                _say(f"group level: {what} {len(plan.reference_participants)} reference participants",
+                     quiet=opts.quiet)
+                run_workflow(group_workflow(opts, plan), opts, work_dir, crash_dir=record.crash_dir)
+                plan.group_done = True
+            if "participant" in levels:
+                wf = participant_workflow(opts, plan, work_dir)
+                _say(f"participant level: scoring {len(plan.rows)} participant/session rows against "
+                     f"{plan.model_dir}", quiet=opts.quiet)
+                run_workflow(wf, opts, work_dir, crash_dir=record.crash_dir)
+    except BaseException as exc:
+        _close_record(record, opts, plan, time.monotonic() - start, exc)
+        raise
+    _close_record(record, opts, plan, time.monotonic() - start, None)
+    _say(f"normdiff-bids finished in {time.monotonic() - start:.0f} s; outputs in {plan.output_dir} "
+         f"(run record: {record.path.relative_to(plan.output_dir)})", quiet=opts.quiet)
     return 0
+
+
+def run_description(opts, plan: Plan, argv: list[str] | None = None) -> dict:
+    """What the run record says about a run before it starts: command line, options as given and as
+    resolved, package versions and platform."""
+    import platform
+    import shlex
+
+    from normdiff_bids.bidsio import json_ready
+    from normdiff_bids.data.bids import find_freesurfer_dir
+    from normdiff_bids.outputs.runlog import package_versions
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugin, plugin_args = plugin_settings(opts)
+    fs_dir = find_freesurfer_dir(plan.bids_dir, plan.fs_dir)
+    resolved = {
+        "bids_dir": plan.bids_dir, "output_dir": plan.output_dir, "fs_dir": fs_dir,
+        "longitudinal": plan.longitudinal, "analysis_levels": plan.levels,
+        "participant_label": plan.participant_label, "session_label": plan.session_label,
+        "model_dir": plan.model_dir, "model_options": plan.model_options, "covariates": plan.covariates,
+        "columns": plan.columns, "use_gpu": _uses_gpu(opts.device),
+        "n_rows": int(len(plan.table)) if plan.table is not None else None,
+        "n_reference_participants": (len(plan.reference_participants)
+                                     if plan.reference_participants is not None else None),
+        "plugin": plugin, "plugin_args": plugin_args, "nprocs": _nprocs(opts),
+        "omp_nthreads": _node_threads(opts),
+        "work_dir": opts.work_dir.expanduser().absolute() if opts.work_dir is not None else "temporary",
+    }
+    return json_ready({
+        "command_line": shlex.join(["normdiff-bids", *argv]),
+        "arguments": argv,
+        "options": vars(opts),
+        "resolved": resolved,
+        "versions": package_versions(),
+        "platform": platform.platform(),
+    })
+
+
+def _close_record(record, opts, plan: Plan, seconds: float, exc: BaseException | None) -> None:
+    """Complete the run record and write the methods text; a failure here is a warning, so that it never
+    hides how the run itself ended."""
+    from normdiff_bids.outputs.runlog import write_citation
+
+    ended = datetime.now(UTC)
+    if exc is None:
+        status, code, error, failures = "success", 0, None, None
+    elif isinstance(exc, KeyboardInterrupt):
+        status, code, error, failures = "interrupted", 130, "interrupted", None
+    else:
+        code = exc.exit_code if isinstance(exc, NormdiffError) else 1
+        error = str(exc) if isinstance(exc, NormdiffError) else f"{type(exc).__name__}: {exc}"
+        status, failures = "failed", getattr(exc, "failures", None)
+    try:
+        record.finish(status, code, ended, seconds=seconds, error=error, failures=failures)
+        write_citation(plan.output_dir, _used_model_card(opts, plan))
+    except (OSError, NormdiffError) as problem:
+        _say(f"normdiff-bids: warning: the run record {record.path} could not be written: {problem}",
+             always=True)
+
+
+def _used_model_card(opts, plan: Plan) -> dict | None:
+    """The card of the model the run used: the participant level's, else the one the group level
+    installed (None when the run ended before its model was known)."""
+    if plan.model is not None:
+        return plan.model.model_card()
+    if plan.group_done:
+        from normdiff_bids.outputs.names import model_card_path
+
+        path = plan.output_dir / model_card_path(opts.model_name)
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def group_workflow(opts, plan: Plan):
@@ -117,6 +210,7 @@ def group_workflow(opts, plan: Plan):
     return init_group_wf(
         bids_dir=plan.bids_dir, output_dir=plan.output_dir, fs_dir=plan.fs_dir,
         participant_label=plan.participant_label, session_label=plan.session_label,
+        longitudinal=plan.longitudinal,
         idp_set=list(plan.base_model.idps_) if plan.base_model is not None else opts.idp_set,
         covariates=plan.covariates, **plan.columns,
         reference_participants=plan.reference_participants,
@@ -124,29 +218,44 @@ def group_workflow(opts, plan: Plan):
         n_samples=opts.n_samples, seed=opts.seed, device=opts.device,
         model_name=opts.model_name, overwrite_model=opts.overwrite_model,
         unknown_site=opts.unknown_site, use_gpu=_uses_gpu(opts.device), model_options=plan.model_options,
-        subject_reports=reports, nprocs=_nprocs(opts), condition_on=opts.condition_on or (),
+        subject_reports=reports, nprocs=_node_threads(opts), condition_on=opts.condition_on or (),
         from_model=opts.from_model.expanduser().absolute() if opts.from_model is not None else None)
 
 
-def participant_workflow(opts, plan: Plan):
-    """The participant-level workflow for checked inputs; checks the model first if not yet done."""
+def participant_workflow(opts, plan: Plan, work_dir: Path | None = None):
+    """The participant-level workflow for checked inputs; checks the model first if not yet done.
+
+    When the group level of the same run has just scored every row with this very model, its tables are
+    reused (gathered into one table in ``work_dir``) instead of scoring the rows again; without a
+    ``work_dir`` the rows are scored again, which gives the same numbers.
+    """
     from normdiff_bids.pipeline import init_participant_wf
 
     if plan.model is None:
         _check_model(opts, plan, plan.model_dir)
     scores = None
-    if "group" in plan.levels and opts.model is None:
-        # The group level of this run has just scored every row with this very model.
-        from normdiff_bids.outputs.names import phenotype_path
-
-        scores = plan.output_dir / phenotype_path()
+    if "group" in plan.levels and opts.model is None and work_dir is not None:
+        scores = group_scores(plan.output_dir, Path(work_dir) / "group_scores.tsv")
     return init_participant_wf(
         bids_dir=plan.bids_dir, output_dir=plan.output_dir, model_dir=plan.model_dir,
         subjects=plan.rows, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
-        session_label=plan.session_label, idps=list(plan.model.idps_), **plan.columns,
+        session_label=plan.session_label, longitudinal=plan.longitudinal, idps=list(plan.model.idps_),
+        **plan.columns,
         n_samples=opts.n_samples, unknown_site=opts.unknown_site, device=opts.device,
-        use_gpu=_uses_gpu(opts.device), nprocs=_nprocs(opts), scores=scores,
+        use_gpu=_uses_gpu(opts.device), nprocs=_node_threads(opts), scores=scores,
         condition_on=opts.condition_on or ())
+
+
+def group_scores(output_dir: Path, path: Path) -> Path:
+    """Gather the group tables of ``output_dir`` into one wide table at ``path`` and return it.
+
+    The group level writes one phenotype table per session (BIDS phenotype files hold one row per
+    participant), plus one for rows without a session; the participant level reads them as one table.
+    """
+    from normdiff_bids.interfaces.tables import write_table
+    from normdiff_bids.outputs.tables import read_group_table
+
+    return Path(write_table(read_group_table(output_dir), path))
 
 
 # -- checking the inputs --------------------------------------------------------------------------
@@ -186,7 +295,8 @@ def check_inputs(opts, levels) -> Plan:
     columns = {"age_column": opts.age_column, "sex_column": opts.sex_column, "site_column": site}
     covariates = [c for c in _COVARIATE_NAMES if c != "site" or site is not None]
     plan = Plan(bids_dir=bids_dir, output_dir=output_dir, levels=levels, participant_label=participant_label,
-                session_label=session_label, fs_dir=fs_dir, covariates=covariates, columns=columns)
+                session_label=session_label, fs_dir=fs_dir, covariates=covariates, columns=columns,
+                longitudinal=bool(getattr(opts, "longitudinal", False)))
     plan.model_dir = (opts.model.expanduser().absolute() if opts.model is not None
                       else output_dir / model_dir(opts.model_name))
     if opts.model_options:
@@ -197,8 +307,14 @@ def check_inputs(opts, levels) -> Plan:
         if not isinstance(plan.model_options, dict):
             raise InputError(f"--model-options must be a JSON object; got {opts.model_options!r}")
         check_model_options(plan.model_options, opts.backbone)
+    plugin_settings(opts)  # a malformed --plugin-args stops the run here, before anything is written
     if (opts.plugin or "MultiProc") in _LOCAL_PLUGINS:  # a cluster's nodes may have devices this host lacks
         check_device(opts.device)
+        threads, nprocs = getattr(opts, "omp_nthreads", None), _nprocs(opts)
+        if threads and threads > nprocs:
+            _say(f"normdiff-bids: warning: --omp-nthreads {threads} is more than the {nprocs} CPU cores of "
+                 f"--nprocs; training and scoring will compete for cores (lower --omp-nthreads or raise "
+                 f"--nprocs)", always=True)
 
     if "group" in levels:
         _check_group(opts, plan)
@@ -314,7 +430,8 @@ def _collect(plan: Plan, idp_set):
     from normdiff_bids.data.idps import collect_idps
 
     table, _report = collect_idps(plan.bids_dir, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
-                                  session_label=plan.session_label, idp_set=list(idp_set), **plan.columns)
+                                  session_label=plan.session_label, idp_set=list(idp_set),
+                                  longitudinal=plan.longitudinal, **plan.columns)
     if plan.participant_label:
         found = {str(p).removeprefix("sub-") for p in table["participant_id"]}
         unknown = [p for p in plan.participant_label if p not in found]
@@ -423,7 +540,8 @@ def subject_rows(table, plan: Plan) -> list[dict]:
         participant = str(row["participant_id"])
         session = row.get("session_id") if "session_id" in table.columns else None
         session = None if session is None or pd.isna(session) else str(session)
-        found = (match_freesurfer_subject(folders, participant, session, sessions.get(participant, 1))
+        found = (match_freesurfer_subject(folders, participant, session, sessions.get(participant, 1),
+                                          longitudinal=plan.longitudinal)
                  if folders is not None else None)
         rows.append({"participant_id": participant, "session_id": session,
                      "fs_subject_dir": str(found.path) if found is not None else None})
@@ -465,8 +583,14 @@ def _nprocs(opts) -> int:
     return os.cpu_count() or 1
 
 
+def _node_threads(opts) -> int:
+    """Torch threads of a training or scoring node: ``--omp-nthreads``, else every core of ``--nprocs``."""
+    return getattr(opts, "omp_nthreads", None) or _nprocs(opts)
+
+
 def plugin_settings(opts) -> tuple[str, dict]:
-    """Nipype plugin name and arguments from ``--plugin``, ``--plugin-args`` and ``--nprocs``."""
+    """Nipype plugin name and arguments from ``--plugin``, ``--plugin-args``, ``--nprocs`` and
+    ``--mem-gb``; values in ``--plugin-args`` win over the flags."""
     nprocs = _nprocs(opts)
     plugin = opts.plugin or ("Linear" if nprocs == 1 else "MultiProc")
     args: dict = {}
@@ -480,6 +604,8 @@ def plugin_settings(opts) -> tuple[str, dict]:
                              f"got {opts.plugin_args!r}")
     if plugin == "MultiProc":
         args.setdefault("n_procs", nprocs)
+        if getattr(opts, "mem_gb", None):
+            args.setdefault("memory_gb", float(opts.mem_gb))
         # Workers start from a fresh interpreter: forking a process that already ran torch kernels can
         # deadlock OpenMP in the child.
         args.setdefault("mp_context", "forkserver")
@@ -487,8 +613,11 @@ def plugin_settings(opts) -> tuple[str, dict]:
     return plugin, args
 
 
-def run_workflow(wf, opts, work_dir: Path) -> None:
-    """Run ``wf`` in ``work_dir``; a node failure is raised as the user-facing error that caused it."""
+def run_workflow(wf, opts, work_dir: Path, crash_dir: Path | None = None) -> None:
+    """Run ``wf`` in ``work_dir``; a node failure is raised as the user-facing error that caused it.
+
+    Crash reports of failed steps go to ``crash_dir`` (default ``work_dir/crash/<time>``).
+    """
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
@@ -498,7 +627,7 @@ def run_workflow(wf, opts, work_dir: Path) -> None:
     for key in ("workflow_level", "interface_level", "utils_level"):
         nipype_config.set("logging", key, level)
     nipype_logging.update_logging(nipype_config)
-    crash_dir = work_dir / "crash" / time.strftime("%Y%m%d-%H%M%S")
+    crash_dir = crash_dir if crash_dir is not None else work_dir / "crash" / time.strftime("%Y%m%d-%H%M%S")
     wf.base_dir = str(work_dir)
     # ... each node applies the workflow's own copy, and MultiProc workers (fresh interpreters) read it
     # from the configuration folder named in the environment they inherit.
@@ -509,7 +638,9 @@ def run_workflow(wf, opts, work_dir: Path) -> None:
         "crashdump_dir": str(crash_dir),
         "crashfile_format": "txt",
         "poll_sleep_duration": 0.2,  # MultiProc's scheduler loop; shorter wastes a core on polling
-        "stop_on_first_crash": True,
+        # Without it, steps that do not depend on a failed one (other participants) still run, and every
+        # failure is reported at the end.
+        "stop_on_first_crash": bool(getattr(opts, "stop_on_first_crash", False)),
         "remove_unnecessary_outputs": False,
     })
     nipype_config.set("execution", "check_version", "false")
@@ -536,29 +667,84 @@ def _worker_logging_config(levels: dict) -> None:
 
 
 class NodeError(NormdiffError):
-    """A workflow node failed; carries the message (and exit code) of the error that caused it."""
+    """A workflow node failed; carries the message (and exit code) of the error that caused it.
+
+    ``failures``: one ``{"node", "message", "crash_file"}`` entry per failed node (either of the node and
+    its crash file may be None when Nipype left no crash file).
+    """
+
+    def __init__(self, message: str, failures: list[dict] | None = None):
+        super().__init__(message)
+        self.failures = list(failures or [])
 
 
 def node_error(exc: BaseException, crash_dir: Path) -> NormdiffError:
-    """The user-facing error behind a failed workflow, recovered from the exception or the crash files."""
+    """The user-facing error behind a failed workflow, recovered from the exception or the crash files.
+
+    One failed node gives the message of the error that caused it (as if it had been raised here);
+    several (a run that went on after the first failure) give one line per failed node.
+    """
+    crash_files = sorted(crash_dir.glob("crash-*")) if crash_dir.is_dir() else []
+    failures = [_failure(path) for path in crash_files]
+    if len(failures) > 1:
+        return _several_failures(failures, crash_dir)
     texts = []
     seen = exc
     while seen is not None:
         texts.append(str(seen))
         seen = seen.__cause__ or seen.__context__
-    crash_files = sorted(crash_dir.glob("crash-*")) if crash_dir.is_dir() else []
     texts.extend(p.read_text(errors="replace") for p in crash_files)
+    failure = {"node": failures[0]["node"] if failures else None,
+               "crash_file": os.fspath(crash_files[0]) if crash_files else None}
     for text in texts:
         found = _user_message(text)
         if found is not None:
             name, message = found
-            error = NodeError(message)  # the node's own message, as if it had been raised here
-            error.exit_code = OutputError.exit_code if name == "OutputError" else NormdiffError.exit_code
+            # the node's own message, as if it had been raised here
+            error = NodeError(message, [{**failure, "message": message}])
+            error.exit_code = _exit_code(name)
             return error
     where = f"; crash report: {crash_files[0]}" if crash_files else ""
     last = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-    error = NodeError(f"a processing step failed: {last}{where}; rerun with -vv for the full log")
+    error = NodeError(f"a processing step failed: {last}{where}; rerun with -vv for the full log",
+                      [{**failure, "message": last}])
     error.exit_code = 1
+    return error
+
+
+def _exit_code(error_name: str | None) -> int:
+    """Exit status of a failure: 3 for an unsafe output folder, 2 for other user errors, 1 otherwise."""
+    if error_name is None:
+        return 1
+    return OutputError.exit_code if error_name == "OutputError" else NormdiffError.exit_code
+
+
+def _failure(crash_file: Path) -> dict:
+    """What one Nipype crash file says: the node (without the top workflow's name), its error and message."""
+    text = crash_file.read_text(errors="replace")
+    first = text.split("\n", 1)[0]
+    node = first.removeprefix("Node: ").strip() if first.startswith("Node: ") else crash_file.name
+    node = node.split(".", 1)[1] if "." in node else node
+    found = _user_message(text)
+    if found is not None:
+        error_name, message = found
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        error_name, message = None, lines[-1] if lines else "no error message"
+    return {"node": node, "error": error_name, "message": message, "crash_file": os.fspath(crash_file)}
+
+
+def _several_failures(failures: list[dict], crash_dir: Path) -> NodeError:
+    lines = [f"{len(failures)} processing steps failed (the steps that did not depend on them ran):"]
+    for failure in failures:
+        message = failure["message"].replace("\n", "\n      ")
+        lines.append(f"  - {failure['node']}: {message}")
+    lines.append(f"crash reports: {crash_dir}; rerun with -vv for the full log, or with "
+                 f"--stop-on-first-crash to stop at the first failure")
+    error = NodeError("\n".join(lines), [{k: f[k] for k in ("node", "message", "crash_file")}
+                                         for f in failures])
+    codes = {_exit_code(f["error"]) for f in failures}
+    error.exit_code = 1 if 1 in codes else max(codes)
     return error
 
 

@@ -233,7 +233,14 @@ def collect_idps(bids_dir: str | Path, fs_dir: str | Path | None = None,
                      f"{preview(list(subjects), n=6)}; check --fs-dir")
     elif not index:
         kind = "longitudinal (<tp>.long.<base>)" if longitudinal else "sub-<label>[_ses-<label>]"
-        problems.add(f"FreeSurfer folder {fs_root} holds no {kind} subject folders; check --fs-dir")
+        other = folders.cross if longitudinal else folders.longitudinal
+        hint = "check --fs-dir"
+        if other:
+            found = "cross-sectional" if longitudinal else "longitudinal"
+            flag = "leave out --longitudinal" if longitudinal else "pass --longitudinal"
+            seen = preview(sorted(p.path.name for p in other.values()), n=3)
+            hint = f"it holds {found} folders ({seen}): {flag} to read them, or check --fs-dir"
+        problems.add(f"FreeSurfer folder {fs_root} holds no {kind} subject folders; {hint}")
 
     files = stats_files_for(idp_set)
     records: list[dict] = []

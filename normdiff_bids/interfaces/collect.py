@@ -33,6 +33,9 @@ class _CollectIDPsInputSpec(BaseInterfaceInputSpec):
     sex_column = traits.Str("sex", usedefault=True, desc="participants.tsv column holding sex")
     site_column = traits.Either(None, traits.Str, default="site", usedefault=True,
                                 desc="participants.tsv column holding the site (None: no site)")
+    longitudinal = traits.Bool(False, usedefault=True,
+                               desc="read FreeSurfer's longitudinal folders (<timepoint>.long.<template>) "
+                                    "instead of the cross-sectional sub-<label>[_ses-<label>] ones")
     rescan = traits.Bool(False, usedefault=True,
                          desc="read the dataset on every run instead of reusing Nipype's cache (the cache "
                               "knows the dataset only by its path); pair it with content hashing so that "
@@ -73,6 +76,7 @@ class CollectIDPs(SimpleInterface):
             age_column=self.inputs.age_column,
             sex_column=self.inputs.sex_column,
             site_column=None if self.inputs.site_column is Undefined else self.inputs.site_column,
+            longitudinal=bool(self.inputs.longitudinal),
         )
         self._results["idp_table"] = write_table(table, os.path.join(runtime.cwd, "idps.tsv"))
         report_path = write_json(os.path.join(runtime.cwd, "collect_report.json"), report)

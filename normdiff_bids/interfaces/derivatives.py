@@ -64,7 +64,8 @@ class _WriteGroupTableInputSpec(_SinkInputSpec):
 
 class WriteGroupTable(SimpleInterface):
     """Write ``phenotype/normdiff_deviations.tsv`` (every row scored by the group level) and
-    ``phenotype/normdiff_reference.tsv`` (which rows trained the model, which evaluated it)."""
+    ``phenotype/normdiff_reference.tsv`` (which rows trained the model, which evaluated it); with
+    sessions, one ``..._ses-<label>.tsv`` of each per session."""
 
     input_spec = _WriteGroupTableInputSpec
     output_spec = _FilesOutputSpec
@@ -72,8 +73,7 @@ class WriteGroupTable(SimpleInterface):
 
     def _run_interface(self, runtime):
         from normdiff_bids.interfaces.tables import read_table
-        from normdiff_bids.outputs import names
-        from normdiff_bids.outputs.tables import column_descriptions, write_group_table, write_tsv
+        from normdiff_bids.outputs.tables import write_group_table, write_reference_table
 
         wide = read_table(self.inputs.scores)
         written = list(write_group_table(self.inputs.output_dir, wide, merge=False))
@@ -82,19 +82,7 @@ class WriteGroupTable(SimpleInterface):
             ids = [c for c in ("participant_id", "session_id") if c in wide.columns]
             reference = wide[ids].merge(split, on=ids, how="left")
             reference["split"] = reference["split"].fillna("none")
-            sidecar = {
-                "Description": "Role of each scored participant (and session) in the normative model: "
-                               "trained on it, held out to evaluate it, or outside the reference",
-                **{c: d for c, d in column_descriptions(reference[ids]).items()},
-                "split": {"LongName": "Normative reference split",
-                          "Description": "How the row was used when the model was fitted",
-                          "Levels": {"train": "in the reference, used to fit the model (in-sample scores)",
-                                     "holdout": "in the reference, held out to evaluate the model "
-                                                "(out-of-sample scores)",
-                                     "none": "not in the reference (out-of-sample scores)"}},
-            }
-            written += write_tsv(reference, Path(self.inputs.output_dir) / names.phenotype_path(
-                "normdiff_reference"), sidecar)
+            written += write_reference_table(self.inputs.output_dir, reference)
         self._results["out_files"] = [os.fspath(p) for p in written]
         return runtime
 

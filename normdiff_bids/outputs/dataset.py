@@ -1,5 +1,6 @@
 """The derivatives dataset as a whole: checking the output folder, ``dataset_description.json``,
-``.bidsignore``, README, and a lock so that parallel jobs can share one output folder.
+``descriptions.tsv``, ``.bidsignore``, README, and a lock so that parallel jobs can share one output
+folder.
 
 Files shared between jobs (``dataset_description.json``, ``.bidsignore``, group tables) are only
 changed as read-merge-write under :func:`output_lock`, and always replaced atomically, so two
@@ -12,10 +13,12 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_write_text
@@ -58,9 +61,21 @@ conditional denoising diffusion normative model (normdiff-bids {version}).
 - `phenotype/normdiff_deviations[_ses-<label>].tsv`: group tables, one row per participant (one file per
   session in longitudinal datasets, as BIDS phenotype files hold one row per participant).
 - `models/`: trained model bundles and their model cards.
+- `descriptions.tsv`: what each `desc-<label>` of the file names means.
+- `logs/run-<UTC start>.json`: the record of each run (command line, options, package versions, times,
+  failed steps; their crash reports in `logs/run-<UTC start>/`); `logs/CITATION.md` and
+  `logs/CITATION.bib`: a methods paragraph for the model used, and its references.
 
 Files BIDS has no name for are listed in `.bidsignore`.
 """
+
+_DESCRIPTIONS_SIDECAR = {
+    "Description": "The desc-<label> entities of the files in this dataset, and what each one holds",
+    "desc_id": {"LongName": "Description label",
+                "Description": "A desc-<label> entity used by files of this dataset"},
+    "description": {"LongName": "Description",
+                    "Description": "What the files with this desc label hold"},
+}
 
 _thread_lock = threading.RLock()
 _held: dict[Path, int] = {}
@@ -131,8 +146,17 @@ def generated_by(environ: Mapping[str, str] | None = None) -> dict:
 
 def dataset_description(bids_dir: str | os.PathLike | None = None,
                         fs_dir: str | os.PathLike | None = None,
-                        environ: Mapping[str, str] | None = None) -> dict:
-    """The ``dataset_description.json`` content this package writes for a run on ``bids_dir``."""
+                        environ: Mapping[str, str] | None = None, *,
+                        output_dir: str | os.PathLike | None = None) -> dict:
+    """The ``dataset_description.json`` content this package writes for a run on ``bids_dir``.
+
+    ``DatasetLinks`` names the raw dataset (``raw``) and the FreeSurfer folder (``freesurfer``) so that
+    files can point into them with BIDS URIs (``bids:freesurfer:sub-01/mri/aparc+aseg.mgz``). When
+    ``output_dir`` lies inside the raw dataset (``BIDS_DIR/derivatives/normdiff``), the links to it and
+    to a FreeSurfer folder inside it are relative paths (``../..``, ``../freesurfer``), so the dataset
+    can be moved or shared as a whole, and the source dataset is ``bids:raw:``; otherwise they are
+    absolute ``file://`` URIs.
+    """
     desc: dict = {
         "Name": "normdiff-bids normative deviations",
         "BIDSVersion": BIDS_VERSION,
@@ -140,9 +164,12 @@ def dataset_description(bids_dir: str | os.PathLike | None = None,
         "GeneratedBy": [generated_by(environ)],
     }
     links: dict[str, str] = {}
+    out = Path(output_dir).absolute().resolve() if output_dir is not None else None
     if bids_dir is not None:
         bids_dir = Path(bids_dir).resolve()
-        source: dict = {"URL": bids_dir.as_uri()}
+        nested = out is not None and out != bids_dir and out.is_relative_to(bids_dir)
+        links["raw"] = _link(bids_dir, out if nested else None)
+        source: dict = {"URL": "bids:raw:" if nested else bids_dir.as_uri()}
         raw = _read_json(bids_dir / "dataset_description.json")
         if isinstance(raw, dict):
             if isinstance(raw.get("DatasetDOI"), str) and raw["DatasetDOI"]:
@@ -151,12 +178,61 @@ def dataset_description(bids_dir: str | os.PathLike | None = None,
             if isinstance(raw.get("DatasetVersion"), str) and raw["DatasetVersion"]:
                 source["Version"] = raw["DatasetVersion"]
         desc["SourceDatasets"] = [source]
-        links["raw"] = bids_dir.as_uri()
-    if fs_dir is not None:
+        if fs_dir is not None:
+            fs = Path(fs_dir).resolve()
+            links["freesurfer"] = _link(fs, out if nested and fs.is_relative_to(bids_dir) else None)
+    elif fs_dir is not None:
         links["freesurfer"] = Path(fs_dir).resolve().as_uri()
     if links:
         desc["DatasetLinks"] = links
     return desc
+
+
+def _link(target: Path, relative_to: Path | None) -> str:
+    """A ``DatasetLinks`` value: ``target`` relative to ``relative_to`` (POSIX form), or its file URI."""
+    if relative_to is None:
+        return target.as_uri()
+    return Path(os.path.relpath(target, relative_to)).as_posix()
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _link_target(value: object, output_dir: Path, links: Mapping[str, object] | None = None) -> Path | None:
+    """The local folder a ``DatasetLinks`` value (or a ``SourceDatasets`` URL) names, if it names one:
+    a ``file://`` URI, a path relative to the output folder, or ``bids:<link>:`` through ``links``."""
+    if not isinstance(value, str) or not value:
+        return None
+    if value.startswith("file:"):
+        return Path(unquote(urlparse(value).path)).resolve()
+    if value.startswith("bids:") and links is not None:
+        name, _, rest = value[len("bids:"):].partition(":")
+        root = _link_target(links.get(name), output_dir) if name else output_dir.resolve()
+        return (root / rest).resolve() if root is not None else None
+    if _URI_SCHEME.match(value):  # doi:, https:, ...: not a local folder
+        return None
+    return (output_dir / value).resolve()
+
+
+def bids_uri(output_dir: str | os.PathLike, path: str | os.PathLike) -> str:
+    """How a file of this derivatives dataset refers to ``path``: a BIDS URI
+    (``bids:<link>:<path within it>``) when it lies in a dataset that ``DatasetLinks`` of
+    ``output_dir/dataset_description.json`` names (the innermost one), else its ``file://`` URI."""
+    out = Path(output_dir).absolute()
+    path = Path(path).resolve()
+    content = _read_json(out / "dataset_description.json")
+    links = content.get("DatasetLinks") if isinstance(content, dict) else None
+    best: tuple[str, Path] | None = None
+    for name, value in (links if isinstance(links, dict) else {}).items():
+        root = _link_target(value, out)
+        if root is None or not path.is_relative_to(root):
+            continue
+        inner = path.relative_to(root)
+        if best is None or len(inner.parts) < len(best[1].parts):
+            best = (str(name), inner)
+    if best is None:
+        return path.as_uri()
+    return f"bids:{best[0]}:{best[1].as_posix()}"
 
 
 def check_output_dir(output_dir: str | os.PathLike, bids_dir: str | os.PathLike | None = None) -> Path:
@@ -187,8 +263,8 @@ def prepare_output_dir(output_dir: str | os.PathLike, bids_dir: str | os.PathLik
     Safe to call from several jobs at once and again on an existing output folder: the checks of
     :func:`check_output_dir` run first (nothing is written if they fail), then, under the output
     lock, ``dataset_description.json`` is merged (new ``GeneratedBy`` versions and source datasets
-    are added, nothing is dropped), ``.bidsignore`` gains any missing pattern, and a README is
-    written if there is none.
+    are added, nothing is dropped), ``.bidsignore`` gains any missing pattern, ``descriptions.tsv``
+    any missing ``desc-<label>``, and a README is written if there is none.
     """
     out = check_output_dir(output_dir, bids_dir)
     try:
@@ -200,12 +276,15 @@ def prepare_output_dir(output_dir: str | os.PathLike, bids_dir: str | os.PathLik
         description = out / "dataset_description.json"
         if description.exists():
             _check_owner(description)  # another job may have won the race with a foreign dataset
-        fresh = dataset_description(bids_dir, fs_dir, environ)
+        fresh = dataset_description(bids_dir, fs_dir, environ, output_dir=out)
         current = _read_json(description) if description.exists() else None
-        merged = _merge_description(current, fresh) if isinstance(current, dict) else fresh
+        merged = _merge_description(current, fresh, out) if isinstance(current, dict) else fresh
         if merged != current:
             write_json(description, merged)
         _merge_bidsignore(out / ".bidsignore")
+        _merge_descriptions(out / names.DESCRIPTIONS_TABLE)
+        if not (out / names.DESCRIPTIONS_SIDECAR).exists():
+            write_json(out / names.DESCRIPTIONS_SIDECAR, _DESCRIPTIONS_SIDECAR)
         readme = out / "README.md"
         if not readme.exists():
             atomic_write_text(readme, _README.format(version=__version__))
@@ -260,7 +339,13 @@ def _check_writable(out: Path) -> None:
     os.unlink(probe)
 
 
-def _merge_description(current: dict, fresh: dict) -> dict:
+def _merge_description(current: dict, fresh: dict, output_dir: Path | None = None) -> dict:
+    """``current`` with what ``fresh`` adds: a new ``GeneratedBy`` version, source datasets and links.
+
+    Nothing is dropped. A link or source that names the same folder as the fresh one in another
+    spelling (an absolute ``file://`` URI where a relative path is now written) takes the fresh spelling;
+    a link of the same name to another folder is kept, and the fresh one is added beside it (``raw2``).
+    """
     merged = dict(current)
     entries = current.get("GeneratedBy")
     entries = [entries] if isinstance(entries, dict) else list(entries or [])
@@ -271,22 +356,43 @@ def _merge_description(current: dict, fresh: dict) -> dict:
     merged["GeneratedBy"] = entries
     merged.setdefault("BIDSVersion", fresh["BIDSVersion"])
     merged["DatasetType"] = "derivative"
+
+    def same(a, b, links_a, links_b) -> bool:
+        if a == b:
+            return True
+        if output_dir is None:
+            return False
+        where_a, where_b = _link_target(a, output_dir, links_a), _link_target(b, output_dir, links_b)
+        return where_a is not None and where_a == where_b
+
+    old_links = dict(current.get("DatasetLinks") or {})
+    fresh_links = dict(fresh.get("DatasetLinks") or {})
+    links = dict(old_links)
+    renamed: dict[str, str] = {}
+    for key, uri in fresh_links.items():
+        if key in links and not same(links[key], uri, None, None):
+            # Keep the first link under its name and record the other one beside it.
+            suffix = 2
+            while f"{key}{suffix}" in links and not same(links[f"{key}{suffix}"], uri, None, None):
+                suffix += 1
+            links[f"{key}{suffix}"] = uri
+            renamed[key] = f"{key}{suffix}"
+        else:
+            links[key] = uri
     sources = list(current.get("SourceDatasets") or [])
     for source in fresh.get("SourceDatasets", []):
-        if all(s.get("URL") != source.get("URL") for s in sources if isinstance(s, dict)):
+        url = source.get("URL")
+        for old, new_name in renamed.items():  # a BIDS URI follows its link to its new name
+            if isinstance(url, str) and url.startswith(f"bids:{old}:"):
+                source = {**source, "URL": f"bids:{new_name}:{url[len(f'bids:{old}:'):]}"}
+        for i, known in enumerate(sources):
+            if isinstance(known, dict) and same(known.get("URL"), source.get("URL"), old_links, fresh_links):
+                sources[i] = {**known, **source}
+                break
+        else:
             sources.append(source)
     if sources:
         merged["SourceDatasets"] = sources
-    links = dict(current.get("DatasetLinks") or {})
-    for key, uri in fresh.get("DatasetLinks", {}).items():
-        if key in links and links[key] != uri:
-            # Keep the first link under its name and record the other one beside it.
-            suffix = 2
-            while f"{key}{suffix}" in links and links[f"{key}{suffix}"] != uri:
-                suffix += 1
-            links[f"{key}{suffix}"] = uri
-        else:
-            links[key] = uri
     if links:
         merged["DatasetLinks"] = links
     return merged
@@ -297,6 +403,19 @@ def _merge_bidsignore(path: Path, patterns: Sequence[str] = BIDSIGNORE_PATTERNS)
     present = {line.strip() for line in lines}
     missing = [p for p in patterns if p not in present]
     if missing:
+        atomic_write_text(path, "\n".join([*lines, *missing]) + "\n")
+
+
+def _merge_descriptions(path: Path, descriptions: Mapping[str, str] = names.DESCRIPTIONS) -> None:
+    """``descriptions.tsv`` (BIDS: ``desc_id``, ``description``) with a row for every ``desc-<label>``
+    of this package; rows already there (added by hand, or by another tool) are kept as they are."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    if not lines:
+        lines = ["desc_id\tdescription"]
+    present = {line.split("\t", 1)[0] for line in lines[1:]}
+    missing = [f"desc-{label}\t{text}" for label, text in descriptions.items()
+               if f"desc-{label}" not in present]
+    if missing or not path.exists():
         atomic_write_text(path, "\n".join([*lines, *missing]) + "\n")
 
 

@@ -29,6 +29,7 @@ from normdiff_bids.bidsio import write_json
 from normdiff_bids.data.atlases import DK_REGIONS
 from normdiff_bids.errors import InputError
 from normdiff_bids.outputs import names
+from normdiff_bids.outputs.dataset import bids_uri
 from normdiff_bids.outputs.regions import MAP_MEASURES, regions_of_measure
 from normdiff_bids.outputs.tables import z_by_idp
 
@@ -75,12 +76,15 @@ def paint_labels(labels: np.ndarray, values: Mapping[int, float], background: fl
 
 
 def write_deviation_map(scores_row, aparc_aseg_path: str | os.PathLike, out_path: str | os.PathLike,
-                        measure: str, *, background: float = np.nan) -> Path:
+                        measure: str, *, background: float = np.nan, source: str | None = None) -> Path:
     """Paint each region's z of ``measure`` into the subject's ``aparc+aseg`` and write it as NIfTI.
 
     ``scores_row``: one subject's wide row (``<idp>_z`` entries), its tidy rows, or ``{idp: z}``.
     The map has the label volume's grid and affine (float32, intent "z score"); unscored voxels are
     ``background`` (NaN by default). A JSON sidecar beside it lists the painted regions and their z.
+    ``source`` names the label volume in the sidecar's ``Sources`` and ``SpatialReference`` (the map
+    lies on its grid, in the subject's FreeSurfer space): a BIDS URI such as
+    ``bids:freesurfer:sub-01/mri/aparc+aseg.mgz``; default its ``file://`` URI.
     Raises ``ValueError`` when no scored IDP has a region of ``measure``.
     """
     if measure not in MAP_MEASURES:
@@ -91,6 +95,7 @@ def write_deviation_map(scores_row, aparc_aseg_path: str | os.PathLike, out_path
         raise ValueError(f"none of the scored IDPs is a {measure} of an aparc+aseg region, so there is "
                          f"no {measure} map to draw")
     labels, img = load_label_volume(aparc_aseg_path)
+    source = source or Path(aparc_aseg_path).resolve().as_uri()
     counts = np.bincount(labels[labels >= 0].ravel())
     values = {label: z[idp] for idp, label in regions.items()}
     painted = paint_labels(labels, values, background)
@@ -117,7 +122,8 @@ def write_deviation_map(scores_row, aparc_aseg_path: str | os.PathLike, out_path
         "Units": "standard deviation",
         "Background": "NaN: voxels outside every scored region (z = 0 would mean 'at the median')"
                       if np.isnan(background) else f"{background}: voxels outside every scored region",
-        "Sources": [Path(aparc_aseg_path).resolve().as_uri()],
+        "Sources": [source],
+        "SpatialReference": source,
         "Regions": {idp: {"label": int(label), "z": z[idp], "voxels": _count(counts, label)}
                     for idp, label in regions.items()},
         "RegionsNotInLabelVolume": sorted(idp for idp, label in regions.items() if not _count(counts, label)),
@@ -273,12 +279,13 @@ def write_deviation_maps(output_dir: str | os.PathLike, scores_row, fs_subject_d
         entities = _entities_of(scores_row)
     z = z_by_idp(scores_row)
     aparc_aseg = fs_subject_dir / "mri" / "aparc+aseg.mgz"
+    source = bids_uri(output_dir, aparc_aseg)  # through the dataset's DatasetLinks when it can
     written: dict[str, list[Path]] = {}
     for measure in measures:
         if not regions_of_measure(z, measure):
             continue
         out = output_dir / names.deviation_map_path(entities, measure)
-        write_deviation_map(z, aparc_aseg, out, measure)
+        write_deviation_map(z, aparc_aseg, out, measure, source=source)
         written[measure] = [out, _sidecar_path(out)]
     if not surfaces:
         return written

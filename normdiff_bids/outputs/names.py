@@ -2,7 +2,8 @@
 
 Per-subject files go to ``sub-<label>[/ses-<label>]/anat/`` with entities in the order the BIDS
 specification fixes; reports sit at the top level (``sub-<label>[_ses-<label>].html``, as fMRIPrep and
-MRIQC do); group tables are phenotype files; trained models live under ``models/``.
+MRIQC do); group tables are phenotype files; trained models live under ``models/``; run records and the
+methods text under ``logs/``.
 """
 
 from __future__ import annotations
@@ -33,11 +34,31 @@ ZMAP_SUFFIX = "zmap"
 #: The per-subject deviation table: ``sub-01[_ses-1]_desc-deviations_scores.tsv``.
 SCORES_DESC = "deviations"
 
+#: Every ``desc-<label>`` the derivatives use and what it means: ``descriptions.tsv`` at the root.
+DESCRIPTIONS: dict[str, str] = {
+    SCORES_DESC: "Normative deviation scores of the subject's FreeSurfer IDPs under the normdiff-bids model: "
+                 "one row per IDP with its value, centile, z-score and tail flag, and the joint deviation of "
+                 "all IDPs",
+    "volume": "Normative deviation (z) of each region's volume, painted into the subject's FreeSurfer "
+              "aparc+aseg (NIfTI) or onto its white surface (GIfTI); NaN where no region was scored",
+    "thickness": "Normative deviation (z) of each cortical region's mean thickness, painted into the "
+                 "subject's FreeSurfer aparc+aseg (NIfTI) or onto its white surface (GIfTI); NaN where no "
+                 "region was scored",
+    "area": "Normative deviation (z) of each cortical region's white-surface area, painted into the "
+            "subject's FreeSurfer aparc+aseg (NIfTI) or onto its white surface (GIfTI); NaN where no region "
+            "was scored",
+}
+DESCRIPTIONS_TABLE = "descriptions.tsv"
+DESCRIPTIONS_SIDECAR = "descriptions.json"
+
 #: Group tables: BIDS phenotype files (``phenotype/<name>.tsv``).
 PHENOTYPE_DIR = "phenotype"
 GROUP_TABLE_NAME = "normdiff_deviations"
 GROUP_REPORT_NAME = "group.html"
 MODELS_DIR = "models"
+#: Run records, crash reports and the methods text (``logs/`` is free-form in BIDS derivatives).
+LOGS_DIR = "logs"
+_RUN_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z(-[0-9]+)?$")
 
 
 def _ordered_entities(entities: Mapping[str, object]) -> list[tuple[str, str]]:
@@ -146,6 +167,30 @@ def model_card_path(name: str = "default", extension: str = ".json") -> Path:
     if extension not in (".json", ".md"):
         raise ValueError(f"model cards are .json or .md, got {extension!r}")
     return Path(MODELS_DIR) / f"{name}_modelcard{extension}"
+
+
+def run_record_path(run_id: str) -> Path:
+    """The record of one run: ``logs/run-<run_id>.json`` (``run_id``: UTC start, ``20260102T130405Z``,
+    with ``-2``, ``-3``, ... when runs started in the same second)."""
+    return Path(LOGS_DIR) / f"run-{_check_run_id(run_id)}.json"
+
+
+def run_crash_dir(run_id: str) -> Path:
+    """Crash reports of the steps that failed in one run: ``logs/run-<run_id>/``."""
+    return Path(LOGS_DIR) / f"run-{_check_run_id(run_id)}"
+
+
+def citation_path(extension: str = ".md") -> Path:
+    """The methods text of the last run, ``logs/CITATION.md``, and its references, ``logs/CITATION.bib``."""
+    if extension not in (".md", ".bib"):
+        raise ValueError(f"the citation files are .md or .bib, got {extension!r}")
+    return Path(LOGS_DIR) / f"CITATION{extension}"
+
+
+def _check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r} is not a UTC time stamp like '20260102T130405Z' (or with '-2')")
+    return run_id
 
 
 def _check_model_name(name: str) -> None:

@@ -440,6 +440,43 @@ def write_group_table(output_dir: str | os.PathLike, wide: pd.DataFrame, *,
     return written
 
 
+#: The phenotype table naming each scored row's role in the model (``phenotype/<name>[_ses-<label>].tsv``).
+REFERENCE_TABLE_NAME = "normdiff_reference"
+_SPLIT_LEVELS = {"train": "in the reference, used to fit the model (in-sample scores)",
+                 "holdout": "in the reference, held out to evaluate the model (out-of-sample scores)",
+                 "none": "not in the reference (out-of-sample scores)"}
+
+
+def write_reference_table(output_dir: str | os.PathLike, reference: pd.DataFrame, *,
+                          name: str = REFERENCE_TABLE_NAME) -> list[Path]:
+    """Write each scored row's role in the model (``split``: train, holdout or none) as phenotype files.
+
+    ``reference``: ids (``participant_id``, optionally ``session_id``) and ``split``. As the group tables,
+    rows with a session go to one file per session (``phenotype/<name>_ses-<label>.tsv``), since BIDS
+    phenotype files hold one row per participant. Returns the written paths (TSV, JSON, ...).
+    """
+    unknown = sorted(set(reference["split"].dropna()) - set(_SPLIT_LEVELS))
+    if unknown:
+        raise ValueError(f"split values {unknown} are not one of {sorted(_SPLIT_LEVELS)}")
+    output_dir = Path(output_dir)
+    written: list[Path] = []
+    for session, rows in _split_by_session(reference):
+        table_name = name if session is None else f"{name}_ses-{names.clean_label(session, 'ses')}"
+        table = _phenotype_columns(rows.reset_index(drop=True))
+        ids = [c for c in ID_COLUMNS if c in table.columns]
+        sidecar = {
+            "Description": "Role of each scored participant" + (" at this session" if session else "")
+                           + " in the normative model: trained on it, held out to evaluate it, or outside "
+                             "the reference",
+            **column_descriptions(table[ids]),
+            "split": {"LongName": "Normative reference split",
+                      "Description": "How the row was used when the model was fitted",
+                      "Levels": dict(_SPLIT_LEVELS)},
+        }
+        written.extend(write_tsv(table, output_dir / names.phenotype_path(table_name), sidecar))
+    return written
+
+
 def read_group_table(output_dir: str | os.PathLike, name: str = names.GROUP_TABLE_NAME) -> pd.DataFrame:
     """All rows of the group tables (every session file), as one wide table."""
     folder = Path(output_dir) / names.PHENOTYPE_DIR
