@@ -158,3 +158,21 @@ def test_quiet_is_passed_to_workers_through_the_environment_and_then_restored(tm
     assert main([str(tmp_path), str(tmp_path / "out"), "group", "--quiet"]) == 0
     assert seen == {"quiet": "1", "et": "1"}
     assert "NORMDIFF_QUIET" not in os.environ
+
+
+def test_condition_on_adds_conditional_columns_sidecars_and_a_report_section(bids, group_out, tmp_path):
+    out = tmp_path / "normdiff"
+    shutil.copytree(group_out, out)
+    given = IDPS[0]
+    status = main([str(bids), str(out), "participant", "--participant-label", "001", *TINY_ARGS,
+                   "--condition-on", given, "--work-dir", str(tmp_path / "work")])
+    assert status == 0
+    tsv = next((out / "sub-001" / "anat").glob("*_scores.tsv"))
+    table = read_scores_table(tsv)
+    assert table.loc[table["idp"] == given, "cond_centile"].isna().all()
+    others = table.loc[table["idp"] != given, "cond_centile"]
+    assert len(others) == len(IDPS) - 1 and others.between(0, 1, inclusive="neither").all()
+    sidecar = json.loads(tsv.with_suffix(".json").read_text())
+    assert f"(given: {given})" in sidecar["cond_centile"]["Description"]
+    html = (out / "sub-001.html").read_text()
+    assert f"Given {given}" in html and "given: centile" in html

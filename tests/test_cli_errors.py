@@ -354,3 +354,17 @@ def test_participants_tsv_with_byte_order_mark_and_crlf_is_read(capsys, out, tmp
 
     table = pd.read_csv(scores, sep="\t")
     assert table["centile"].between(0, 1).all()
+
+
+def test_condition_on_an_idp_the_model_lacks(capsys, bids, out):
+    message = refused(capsys, participant(bids, out, "--condition-on", "EstimatedTotalIntraCranialVol"), out)
+    assert "--condition-on names ['EstimatedTotalIntraCranialVol']" in message
+    assert "--idp-set global" in message
+
+
+def test_condition_on_every_idp(capsys, bids, out):
+    from normdiff_bids.model.normative import load_model
+
+    idps = load_model(out / "models" / "default").idps_
+    message = refused(capsys, participant(bids, out, "--condition-on", *idps), out)
+    assert "names every one of the model's" in message

@@ -22,7 +22,7 @@ from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.outputs import figures, names
 from normdiff_bids.outputs.regions import describe_idp
-from normdiff_bids.outputs.tables import covariate_columns, idps_of_wide, scores_to_wide
+from normdiff_bids.outputs.tables import covariate_columns, given_idps, idps_of_wide, scores_to_wide
 from normdiff_bids.templating import render
 
 #: Centiles drawn on the centile curves (the 0.5/99.5 and 2.5/97.5 bands match the |z| flags).
@@ -43,6 +43,8 @@ def _subject_idp_table(row: pd.Series) -> pd.DataFrame:
         records.append({
             "idp": idp, "measure": info.measure, "units": info.units, "structure": info.description,
             "value": _float(row.get(f"{idp}_value")), "centile": _float(row.get(f"{idp}_centile")), "z": z,
+            "cond_centile": _float(row.get(f"{idp}_cond_centile")),
+            "cond_z": _float(row.get(f"{idp}_cond_z")),
             "tail": int(tail) if tail is not None and not pd.isna(tail) else 0,
             "flag": "**" if abs(z) > figures.Z_STRONG else "*" if abs(z) > figures.Z_FLAG else "",
         })
@@ -162,6 +164,10 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
         listed.append(rel.as_posix())
 
     n_idps = len(table)
+    given = given_idps(row.to_frame().T)
+    conditional = table.loc[~table["idp"].isin(given) & np.isfinite(table["cond_z"])]
+    conditional = conditional.reindex(conditional["cond_z"].abs().sort_values(ascending=False).index)
+    joint_n = _float(row.get("joint_n_idps"))
     context = {
         "title": f"normdiff-bids: {_subject_title(entities)}",
         "subject": _subject_title(entities),
@@ -186,6 +192,10 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
         "joint_uri": joint_uri,
         "slices_uri": slices_uri, "slices_note": slices_note,
         "files": listed,
+        "given": given, "given_missing": _is_true(row.get("cond_given_missing")),
+        "conditional": conditional.head(15).to_dict(orient="records"),
+        "joint_n_idps": int(joint_n) if np.isfinite(joint_n) else None,
+        "missing_idps": list(table.loc[~np.isfinite(table["value"]), "idp"]),
     }
     return render("subject_report.html", **context)
 
