@@ -150,12 +150,15 @@ class NormativeDiffusion:
         at multiples of ``grid_step``), never by the cohort, so scores do not depend on who else is
         scored. Cost: at most two grid points per row, and a cohort shares them, so a 10,000-person
         cohort over 3 sites needs under 1,000 points instead of 10,000. Error: linear interpolation of a
-        quantile function that is smooth in age, with a step of 1/30 of the age SD (about 0.7 years
+        quantile function that is smooth in age, with a step of 1/10 of the age SD (about 2 years
         for a lifespan cohort), is far below the Monte Carlo error of 1000 draws (a centile SD of
         about 0.016); interpolating two independent sample sets also lowers that Monte Carlo error.
-        Tested against exact scoring.
+        With the two-stage model the grid carries only the shape and dependence of the standardised
+        draws (location and spread are the stage's at the row's exact age): synthetic D=20, N=2000,
+        mean |centile - truth| was 0.0246 at 1/30, 0.0245 at 1/10, 0.0246 at 1/6, so 1/10 draws a
+        third of the points. Tested against exact scoring.
     grid_step : float or None
-        Grid step in the continuous covariate's units; ``None``: its training SD / 30.
+        Grid step in the continuous covariate's units; ``None``: its training SD / 10.
     location_scale : "pooled" | "off"
         ``"pooled"`` (two-stage): a per-IDP location and spread on the covariates with partially pooled
         site effects (:mod:`~normdiff_bids.model.location_scale`), then the diffusion model on the

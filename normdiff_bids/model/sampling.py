@@ -32,7 +32,7 @@ NOISE_BYTES_PER_CALL = 256 * 2**20
 ROW_CHUNK_ELEMENTS = 8_000_000
 #: Default covariate-grid step as a fraction of the continuous covariate's training SD (see
 #: :class:`~normdiff_bids.model.estimator.NormativeDiffusion`, ``covariate_grid``).
-GRID_STEP_FRACTION = 1 / 30
+GRID_STEP_FRACTION = 1 / 10
 
 
 @dataclass(frozen=True)
