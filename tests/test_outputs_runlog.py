@@ -123,7 +123,7 @@ def test_a_failed_step_is_on_record_with_its_crash_report(bids, group_out, tmp_p
     assert record["status"] == "failed" and record["exit_code"] == 2
     assert "aparc+aseg.mgz cannot be read" in record["error"]
     [failure] = record["failures"]
-    assert failure["node"] == "single_subject_003_wf.deviation_maps"
+    assert failure["node"] == "subject_outputs_003"
     crash = Path(failure["crash_file"])
     assert crash.is_file() and crash.parent == out / names.run_crash_dir(record["run_id"])
     assert (out / "sub-004.html").is_file()  # the other participant was finished
