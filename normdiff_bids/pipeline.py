@@ -48,7 +48,16 @@ def _reserve(node: pe.Node, nprocs: int | None) -> None:
 
 
 def _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set, age_column, sex_column,
-                  site_column, longitudinal=False, name="collect_idps") -> pe.Node:
+                  site_column, longitudinal=False, idp_table=None, name="collect_idps") -> pe.Node:
+    """The node whose ``idp_table`` output is the selection's IDP table: it collects the dataset, or,
+    with ``idp_table`` (the table the command line already collected while checking its inputs, written
+    to a file), passes that file on, so that the dataset is not read twice."""
+    if idp_table is not None:
+        from nipype.interfaces.utility import IdentityInterface
+
+        node = pe.Node(IdentityInterface(fields=["idp_table"]), name="collected_idps")
+        node.inputs.idp_table = os.fspath(idp_table)
+        return node
     # The dataset is re-read on every run (a dataset re-generated at the same path must not come from the
     # cache); the workflows hash files by content, so an unchanged table still lets later steps resume.
     node = pe.Node(CollectIDPs(bids_dir=os.fspath(bids_dir), idp_set=list(idp_set), age_column=age_column,
@@ -66,7 +75,7 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
                   n_samples=None, seed=0, device="auto", use_gpu=False, model_name="default",
                   overwrite_model=False, unknown_site="error", model_options: Mapping | None = None,
                   subject_reports: Sequence[str] = (), nprocs: int | None = None, from_model=None,
-                  longitudinal=False, condition_on: Sequence[str] = (),
+                  longitudinal=False, condition_on: Sequence[str] = (), idp_table=None,
                   name="normdiff_group_wf") -> pe.Workflow:
     """Group level: collect IDPs, fit on the reference (held-out evaluation), score everyone, write
     ``phenotype/`` tables, the group report, and finally install the model under ``models/<name>``.
@@ -78,12 +87,13 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
     ``from_model``: a trained bundle to adapt to this dataset's new sites instead of training from
     scratch (:class:`AdaptNormativeModel`); the rest of the workflow is the same. ``condition_on``:
     IDPs every other IDP is also scored conditionally on (``<idp>_cond_centile``, ``<idp>_cond_z``).
+    ``idp_table``: the IDP table already collected (a TSV), used instead of reading the dataset again.
     ``longitudinal``: read FreeSurfer's ``<timepoint>.long.<template>`` folders instead of the
     cross-sectional ones.
     """
     wf = _workflow(name)
     collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set,
-                            age_column, sex_column, site_column, longitudinal)
+                            age_column, sex_column, site_column, longitudinal, idp_table)
     if from_model is None:
         train = pe.Node(TrainNormativeModel(covariates=list(covariates), holdout_fraction=holdout_fraction,
                                             backbone=backbone, seed=seed, device=device, use_gpu=use_gpu),
@@ -135,7 +145,7 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
                         age_column="age", sex_column="sex", site_column="site", n_samples=None,
                         unknown_site="error", device="auto", use_gpu=False, nprocs: int | None = None,
                         scores=None, batches: int | None = None, condition_on: Sequence[str] = (),
-                        name=None) -> pe.Workflow:
+                        idp_table=None, name=None) -> pe.Workflow:
     """Participant level: score the selection against ``model_dir`` in one pass (a row's scores never
     depend on the other rows), then ``subject_outputs_*`` nodes, one per batch of rows, write each row's
     deviation table, deviation maps and report (:class:`SubjectOutputs`).
@@ -149,7 +159,8 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
     ``scores``: a wide score table already computed with this model (the group level's table when both
     levels run at once): the rows are taken from it instead of being scored again, which gives the same
     numbers since a row's scores never depend on the other rows scored with it.
-    ``condition_on``: IDPs the other IDPs are also scored conditionally on.
+    ``condition_on``: IDPs the other IDPs are also scored conditionally on. ``idp_table``: the
+    selection's IDP table already collected (a TSV), used instead of reading the dataset again.
     """
     wf = _workflow(name or selection_name(subjects, model_dir, scores))
     if scores is not None:
@@ -159,7 +170,7 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
         score.inputs.scores = os.fspath(scores)
     else:
         collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idps,
-                                age_column, sex_column, site_column, longitudinal)
+                                age_column, sex_column, site_column, longitudinal, idp_table)
         score = pe.Node(ScoreDeviations(model_dir=os.fspath(model_dir), unknown_site=unknown_site,
                                         device=device, use_gpu=use_gpu), name="score")
         _reserve(score, nprocs)
