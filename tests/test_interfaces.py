@@ -88,7 +88,7 @@ def test_user_workflow_runs_our_nodes_under_linear(linear_run, bids):
     # everyone is scored (patients too), one row each, the columns of the contract in order
     assert sorted(scores["participant_id"]) == sorted(participants["participant_id"])
     head = ["participant_id", "age", "sex", "site", "joint_stat", "joint_centile", "joint_z", "extrapolated",
-            "joint_n_idps"]
+            "unknown_site", "joint_n_idps"]
     assert list(scores.columns[: len(head)]) == head
     fields = ("value", "centile", "z", "tail")
     assert list(scores.columns[len(head):]) == [f"{i}_{f}" for i in IDPS for f in fields]

@@ -13,13 +13,15 @@ from model_helpers import centile_errors
 from scipy.special import ndtri
 
 from normdiff_bids import NormativeDiffusion, load_model
+from normdiff_bids.data.synthetic import SyntheticCohort
 from normdiff_bids.errors import InputError
 from normdiff_bids.model.bundle import BundleError
 from normdiff_bids.model.normative import _POINT_CACHE
 from normdiff_bids.scoring.joint import joint_deviation
 
 TINY = {"hidden": 32, "n_blocks": 2, "time_embed_dim": 16}
-SCORE_COLUMNS = ["participant_id", "idp", "value", "centile", "z", "tail", "extrapolated", "joint_stat",
+SCORE_COLUMNS = ["participant_id", "idp", "value", "centile", "z", "tail", "extrapolated", "unknown_site",
+                 "joint_stat",
                  "joint_centile", "joint_z", "joint_n_idps"]
 
 
@@ -255,10 +257,18 @@ def test_unseen_site_and_out_of_range_age(model, test):
     new_site = test.head(2).assign(site="siteX")
     with pytest.raises(InputError, match=r"never seen in training: \['siteX'\].*unknown_site='marginal'"):
         model.score(new_site)
+    no_site = test.head(2).assign(site=[None, test["site"].iloc[1]], participant_id=["sub-a", "sub-b"])
+    with pytest.warns(UserWarning, match="1 rows have a missing covariate"):
+        counts = model.score(no_site).groupby("participant_id", sort=False)["centile"].count()
+    assert counts.tolist() == [0, 3]
     model.set_params(unknown_site="marginal")
     try:
         c = model.predict_centiles(new_site)
         assert np.isfinite(c.to_numpy()).all()
+        # unseen and missing sites are scored under the marginal over sites, and say so
+        flags = model.score(pd.concat([new_site, no_site])).groupby("participant_id", sort=False)
+        assert flags["unknown_site"].first().tolist() == [True, True, True, False]
+        assert flags["centile"].count().tolist() == [3, 3, 3, 3]
     finally:
         model.set_params(unknown_site="error")
     old = test.head(3).assign(age=[40.0, 150.0, 1.0])
@@ -295,3 +305,17 @@ def test_centiles_are_calibrated_against_the_true_distribution(cohort):
     err, wrong = centile_errors(m, test, cohort.cdf(test).to_numpy())
     assert err < 0.08
     assert wrong > err + 0.04
+
+
+def test_an_age_outside_its_own_sites_range_is_extrapolated(one_thread, tmp_path):
+    cohort = SyntheticCohort(n_idps=2, n_sites=2, seed=1)
+    train = cohort.sample(300, seed=1)
+    old_at_site1 = (train["site"] == "site1") & (train["age"] > 40)
+    train = train.loc[~old_at_site1]  # site1 trained on people of 40 and under only
+    model = NormativeDiffusion(epochs=2, n_samples=40, seed=0, verbose=False).fit(train)
+    row = train.head(1).assign(age=60.0).reset_index(drop=True)
+    rows = pd.concat([row.assign(site="site1"), row.assign(site="site2", participant_id="sub-x")])
+    flags = model.score(rows).groupby("participant_id", sort=False)["extrapolated"].first()
+    assert flags.tolist() == [True, False]  # 60 is inside the global range, not inside site1's
+    saved = load_model(model.save(tmp_path / "m"))
+    assert saved.covariate_schema_.categorical[-1].ranges == model.covariate_schema_.categorical[-1].ranges

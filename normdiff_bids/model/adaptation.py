@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from normdiff_bids.errors import InputError, ProblemCollector
-from normdiff_bids.model.covariates import CovariateSchema
+from normdiff_bids.model.covariates import CovariateSchema, level_ranges
 from normdiff_bids.model.model_space import ModelSpace
 from normdiff_bids.model.tables import idp_matrix, present
 
@@ -57,6 +57,9 @@ def adapt_to_new_sites(model, table: pd.DataFrame, refine: bool = False):
     new_levels = sorted(s for s in counts if s not in site_cov.levels)
     schema = CovariateSchema.from_dict(model.covariate_schema_.to_dict())
     schema.categorical[space.site_index].levels = list(site_cov.levels) + new_levels
+    if site_cov.ranges is not None:  # the new (and refined) sites' own covariate ranges
+        fresh = level_ranges(table.loc[usable], site_name, model.covariates)
+        schema.categorical[space.site_index].ranges = {**site_cov.ranges, **fresh}
     cont, cat = schema.encode(table.loc[usable])
     x = model.scaler_.transform(values[usable])
     adapted_space = ModelSpace(schema, model.scaler_, model.stage_, site_name)

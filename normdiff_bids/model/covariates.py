@@ -67,6 +67,9 @@ class CategoricalCovariate:
     name: str
     levels: list[str]
     marginal: bool = False  # the unknown level is trained, so unseen levels may be scored as the marginal
+    #: Per level, the training range ``[min, max]`` of each continuous covariate (kept for the site: a
+    #: 70-year-old at a site that had only children is extrapolated even inside the global age range).
+    ranges: dict[str, list[list[float]]] | None = None
 
     def index(self, level: str) -> int:
         return self.levels.index(level) + 1
@@ -110,6 +113,8 @@ class CovariateSchema:
                     problems.add(f"covariate '{name}' has no values")
                     continue
                 schema.categorical.append(CategoricalCovariate(name, levels, marginal=name in marginal))
+                if name in marginal:
+                    schema.categorical[-1].ranges = level_ranges(table, name, names)
             else:
                 values = _numeric_column(column, name, problems)
                 finite = values[np.isfinite(values)]
@@ -140,7 +145,8 @@ class CovariateSchema:
 
         ``unknown="error"`` raises :class:`InputError` naming levels never seen in training;
         ``unknown="marginal"`` maps unseen levels of the covariates trained with an unknown level
-        (site) to that level, i.e. scores them under the model's marginal over sites.
+        (site) to that level, i.e. scores them under the model's marginal over sites, and so does a
+        missing value of such a covariate (a row without a site is scored, not dropped).
         """
         if unknown not in ("error", "marginal"):
             raise ValueError(f"unknown must be 'error' or 'marginal', not {unknown!r}")
@@ -164,9 +170,18 @@ class CovariateSchema:
                 problems.add(f"covariate '{cov.name}' has levels never seen in training: {unseen}; "
                              f"known levels are {cov.levels}; {fix}")
                 continue
-            cat[:, j] = [-1 if lv is None else lookup.get(lv, UNKNOWN_INDEX) for lv in levels]
+            absent = UNKNOWN_INDEX if unknown == "marginal" and cov.marginal else -1
+            cat[:, j] = [absent if lv is None else lookup.get(lv, UNKNOWN_INDEX) for lv in levels]
         problems.raise_if_any(header="the covariates cannot be encoded")
         return cont, cat
+
+    def marginal_rows(self, cat: np.ndarray) -> np.ndarray:
+        """Rows encoded with the unknown level of a covariate (an unseen or missing site scored under
+        the marginal, ``unknown="marginal"``)."""
+        cols = [j for j, cov in enumerate(self.categorical) if cov.marginal]
+        if not cols:
+            return np.zeros(len(cat), dtype=bool)
+        return (cat[:, cols] == UNKNOWN_INDEX).any(axis=1)
 
     def missing_rows(self, cont: np.ndarray, cat: np.ndarray) -> np.ndarray:
         """Rows with a missing covariate (they cannot be scored)."""
@@ -180,6 +195,24 @@ class CovariateSchema:
             # float32 encoding: allow its rounding at the boundary itself
             tol = 1e-6 * max(1.0, abs(lo), abs(hi))
             flags |= (cont[:, j] < lo - tol) | (cont[:, j] > hi + tol)
+        return flags
+
+    def out_of_level_range(self, cont: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        """Rows whose continuous covariates lie outside the training range of their own site (levels with
+        a recorded range; an unknown level has none)."""
+        flags = np.zeros(len(cont), dtype=bool)
+        for j, cov in enumerate(self.categorical):
+            if not cov.ranges:
+                continue
+            for code, level in enumerate(cov.levels, start=1):
+                bounds = cov.ranges.get(level)
+                rows = cat[:, j] == code
+                if bounds is None or not rows.any():
+                    continue
+                for k, c in enumerate(self.continuous):
+                    lo, hi = ((b - c.mean) / c.sd for b in bounds[k])
+                    tol = 1e-6 * max(1.0, abs(lo), abs(hi))
+                    flags[rows] |= (cont[rows, k] < lo - tol) | (cont[rows, k] > hi + tol)
         return flags
 
     def decode_continuous(self, cont: np.ndarray) -> np.ndarray:
@@ -200,6 +233,25 @@ class CovariateSchema:
                    continuous=[ContinuousCovariate(**c) for c in state["continuous"]],
                    categorical=[CategoricalCovariate(**{**c, "levels": list(c["levels"])})
                                 for c in state["categorical"]])
+
+
+def level_ranges(table: pd.DataFrame, name: str, names: Sequence[str]) -> dict[str, list[list[float]]]:
+    """``{level: [[min, max] per continuous covariate]}`` of the rows of ``table`` at each level of
+    ``name`` (the continuous covariates among ``names``, in order)."""
+    continuous = [n for n in names if n in table.columns and not _is_categorical(n, table[n])]
+    labels = table[name].map(lambda v: _level_string(v, name))
+    out = {}
+    for level, rows in table.groupby(labels, sort=True):
+        bounds = []
+        for n in continuous:
+            values = pd.to_numeric(rows[n], errors="coerce").to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            if not values.size:
+                break
+            bounds.append([float(values.min()), float(values.max())])
+        else:
+            out[str(level)] = bounds
+    return out
 
 
 def _is_categorical(name: str, column: pd.Series) -> bool:

@@ -469,7 +469,8 @@ class NormativeDiffusion:
         schema = self.covariate_schema_
         cont, cat = schema.encode(table, unknown=self.unknown_site)
         missing = schema.missing_rows(cont, cat)
-        extrapolated = schema.out_of_range(np.where(np.isfinite(cont), cont, 0)) & ~missing
+        finite = np.where(np.isfinite(cont), cont, 0)
+        extrapolated = (schema.out_of_range(finite) | schema.out_of_level_range(finite, cat)) & ~missing
         if missing.any():
             rows = list(table.index[missing][:5])
             warnings.warn(f"{int(missing.sum())} rows have a missing covariate and get no scores "
@@ -629,7 +630,8 @@ class NormativeDiffusion:
                 warnings.warn(f"{int(lacking.sum())} rows lack a value of a given IDP and get no "
                               f"conditional scores (cond_given_missing), e.g. rows {rows}", stacklevel=3)
             out.update(given=given_idx, targets=conditional[1], cond_given_missing=lacking)
-        out.update(values=values, extrapolated=extrapolated, missing_covariates=missing)
+        out.update(values=values, extrapolated=extrapolated, missing_covariates=missing,
+                   unknown_site=self.covariate_schema_.marginal_rows(cat) & ~missing)
         return out
 
     def _given_indices(self, given) -> tuple[int, ...] | None:
@@ -715,8 +717,10 @@ class NormativeDiffusion:
         Columns: ``participant_id`` (or ``row``, the table's index, when there is no id column),
         ``session_id`` (when present), ``idp``, ``value``, ``centile``, ``z``, ``tail`` (-1/0/+1: value
         beyond the sampled range, scored by the tail rule), ``extrapolated`` (covariates outside the
-        training range), ``joint_stat``, ``joint_centile``, ``joint_z`` and ``joint_n_idps`` (how many
-        IDPs the joint deviation used: fewer than the model's when some are missing; it is then computed
+        training range, overall or of the row's own site), ``unknown_site`` (scored under the model's
+        marginal over sites: a site it never saw, or none, with ``unknown_site="marginal"``),
+        ``joint_stat``, ``joint_centile``, ``joint_z`` and ``joint_n_idps`` (how many IDPs the joint
+        deviation used: fewer than the model's when some are missing; it is then computed
         over those present, against the model's draws of the same IDPs). A missing value or covariate
         gives NaN centile and z. With ``given``: also ``cond_centile`` and ``cond_z`` (NaN on the given
         IDPs' rows) and ``cond_given_missing`` (the row lacks a given value, so it has no conditional
@@ -739,6 +743,7 @@ class NormativeDiffusion:
             "z": centiles_to_z(a["centiles"]).reshape(-1),
             "tail": a["tail"].reshape(-1),
             "extrapolated": np.repeat(a["extrapolated"], d),
+            "unknown_site": np.repeat(a["unknown_site"], d),
             "joint_stat": np.repeat(a["joint_stat"], d),
             "joint_centile": np.repeat(a["joint_centile"], d),
             "joint_z": np.repeat(centiles_to_z(a["joint_centile"]), d),

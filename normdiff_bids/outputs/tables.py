@@ -25,16 +25,16 @@ from normdiff_bids.outputs.regions import describe_idp
 ID_COLUMNS: tuple[str, ...] = ROW_ID_COLUMNS
 #: Per-subject score columns of the wide table, in order.
 SUBJECT_SCORE_COLUMNS: tuple[str, ...] = ("joint_stat", "joint_centile", "joint_z", "extrapolated",
-                                          "joint_n_idps", "cond_given_missing")
+                                          "unknown_site", "joint_n_idps", "cond_given_missing")
 #: Per-IDP score fields of the wide table, in order (``<idp>_<field>``); the conditional ones exist only
 #: for the IDPs that were not given.
 IDP_FIELDS: tuple[str, ...] = ("value", "centile", "z", "tail", "cond_centile", "cond_z")
 _CONDITIONAL_FIELDS = ("cond_centile", "cond_z")
 #: Columns of the tidy table, in order (ids first).
 TIDY_COLUMNS: tuple[str, ...] = ("idp", "value", "centile", "z", "tail", "cond_centile", "cond_z",
-                                 "extrapolated", "joint_stat", "joint_centile", "joint_z", "joint_n_idps",
-                                 "cond_given_missing")
-_BOOLEAN_COLUMNS = ("extrapolated", "cond_given_missing")
+                                 "extrapolated", "unknown_site", "joint_stat", "joint_centile", "joint_z",
+                                 "joint_n_idps", "cond_given_missing")
+_BOOLEAN_COLUMNS = ("extrapolated", "unknown_site", "cond_given_missing")
 #: Columns read as text whatever they look like (a site "01" must stay "01").
 TEXT_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "sex", "site", "idp", "measure", "units")
 
@@ -254,6 +254,13 @@ _KNOWN: dict[str, dict] = {
                       "Description": "Fraction of the model's own samples at the subject's covariates whose "
                                      "joint deviation statistic is below the subject's",
                       "Units": "proportion"},
+    "unknown_site": {"LongName": "Scored under the marginal over sites",
+                     "Description": "Whether the subject's site was unknown to the model (never seen in "
+                                    "training, or missing) and it was scored under the model's mixture "
+                                    "over the training sites (--unknown-site marginal): its centiles carry "
+                                    "the spread between sites",
+                     "Levels": {"true": "site unknown to the model: scored under the marginal over sites",
+                                "false": "the model knows the subject's site"}},
     "joint_n_idps": {"LongName": "IDPs in the joint deviation",
                      "Description": "How many IDPs the joint deviation was computed over: all the model's "
                                     "unless some are missing for this subject, when it is computed over "
