@@ -102,3 +102,24 @@ def test_an_idp_that_is_mostly_zero_keeps_the_fit_finite(truth):
     loc, scale = stage.location_scale(age, sex, site)
     assert np.isfinite(loc).all() and np.isfinite(scale).all() and (scale > 0).all()
     assert np.isfinite(stage.standardise(age, sex, site, y)).all()
+
+
+def test_missing_values_have_no_weight_and_the_rest_still_fit(truth):
+    shifts, log_sd = truth
+    age, sex, site, y, _, _ = _cohort(4000, 1, shifts, log_sd)
+    holed = y.copy()
+    holes = np.random.default_rng(3).random(len(y)) < 0.3
+    holed[holes, 0] = np.nan
+    stage = LocationScaleStage().fit(age, sex, site, holed, n_sites=12)
+    a2, s2, t2, _, loc2, sd2 = _cohort(2000, 2, shifts, log_sd)
+    est_loc, est_sd = stage.location_scale(a2, s2, t2)
+    big = np.isin(t2, np.flatnonzero(np.bincount(site, minlength=12) >= 150))
+    assert np.abs(est_loc - loc2)[big].mean() < 0.1 * sd2[big].mean()
+    assert np.abs(np.log(est_sd / sd2))[big].mean() < 0.1
+    r = stage.standardise(age, sex, site, holed)
+    assert np.isnan(r[holes, 0]).all() and np.isfinite(r[~holes]).all() and np.isfinite(r[:, 1]).all()
+    # IDP 1 has every value, so it is fitted exactly as without the holes in IDP 0
+    full = LocationScaleStage().fit(age, sex, site, np.column_stack([y[:, 1], y[:, 1]]), n_sites=12)
+    np.testing.assert_allclose(stage.standardise(a2, s2, t2, np.column_stack([loc2[:, 0], loc2[:, 1]]))[:, 1],
+                               full.standardise(a2, s2, t2, np.column_stack([loc2[:, 1], loc2[:, 1]]))[:, 1],
+                               rtol=1e-6, atol=1e-8)

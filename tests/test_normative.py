@@ -217,8 +217,11 @@ def test_bad_training_tables_are_refused_with_named_columns(train, cohort):
         m.fit(train.assign(words="x"), idps=[cohort.idps[0], "words"])
     few = train.head(30).copy()
     few.loc[few.index[:15], cohort.idps[0]] = np.nan
+    with pytest.raises(InputError, match=r"fewer than 20 values in the training rows: \['" + cohort.idps[0]):
+        with pytest.warns(UserWarning, match="15 of 30 training rows miss some IDPs"):
+            m.fit(few)
     with pytest.raises(InputError, match="only 15 of 30 rows"):
-        m.fit(few)
+        tiny_model(epochs=1, missing_idps="drop").fit(few)
 
 
 def test_rows_with_missing_values_are_dropped_and_counted(train, cohort):
@@ -227,8 +230,13 @@ def test_rows_with_missing_values_are_dropped_and_counted(train, cohort):
     dirty.loc[dirty.index[5], cohort.idps[2]] = np.inf
     dirty.loc[dirty.index[6], "age"] = np.nan
     with pytest.warns(UserWarning, match="7 of 400 training rows"):
-        m = tiny_model(epochs=1).fit(dirty)
+        m = tiny_model(epochs=1, missing_idps="drop").fit(dirty)
     assert m.n_dropped_ == 7 and m.training_summary_["n_dropped"] == 7
+    # by default a row missing some IDPs trains on the others; one without its covariates is dropped
+    with pytest.warns(UserWarning, match="6 of 399 training rows miss some IDPs"):
+        m = tiny_model(epochs=1).fit(dirty)
+    assert m.n_dropped_ == 1 and m.n_partial_ == 6
+    assert np.isfinite(m.predict_centiles(train.head(5)).to_numpy()).all()
 
 
 def test_scoring_marks_missing_values_and_names_missing_idps(model, test, cohort):

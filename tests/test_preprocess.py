@@ -63,6 +63,11 @@ def test_bad_inputs_are_refused(skewed):
     with pytest.raises(ValueError, match="constant"):
         IDPScaler().fit(np.column_stack([skewed[:, 0], np.ones(len(skewed))]))
     with pytest.raises(ValueError, match="finite"):
-        IDPScaler().fit(np.array([[1.0], [np.nan], [2.0]]))
+        IDPScaler().fit(np.array([[1.0], [np.inf], [2.0]]))
+    with pytest.raises(ValueError, match="at least one value per IDP"):
+        IDPScaler().fit(np.array([[1.0, np.nan], [3.0, np.nan], [2.0, np.nan]]))
+    # NaN marks a missing value: the statistics are those of the values present
+    scaler = IDPScaler().fit(np.array([[1.0], [np.nan], [3.0]]))
+    assert scaler.mean_[0] == 2.0 and np.isnan(scaler.transform(np.array([[np.nan]]))[0, 0])
     with pytest.raises(ValueError, match="expected 3 IDP columns"):
         IDPScaler().fit(skewed).transform(skewed[:, :2])

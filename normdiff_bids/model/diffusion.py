@@ -71,13 +71,16 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ training
     def training_loss(self, net: nn.Module, x0: torch.Tensor, cond: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None,
+                      observed: torch.Tensor | None = None) -> torch.Tensor:
         """Denoising loss on a batch ``x0 [B, D]`` with ``cond [B, C]``: a scalar tensor.
 
         VP: uniform t in {1..T}, MSE between the network output and its target (eps, v or x0), which for
         ``prediction="eps"`` is the reference objective. EDM: log-normal sigma and the preconditioned
         target ``(x0 - c_skip x) / c_out``, i.e. the EDM-weighted denoising loss. The noise level and
         the noise are drawn from ``generator`` (in that order) for reproducible training.
+        ``observed`` (boolean ``[B, D]``): the loss is averaged over those entries only (rows with
+        missing IDPs, whose missing entries the caller filled with stand-in values).
         """
         if x0.dim() != 2:
             raise ValueError(f"x0 must be [batch, features], got shape {tuple(x0.shape)}")
@@ -98,7 +101,10 @@ class GaussianDiffusion:
             target = a * eps - s * x0
         else:
             target = x0
-        return torch.mean((out - target) ** 2)
+        if observed is None:
+            return torch.mean((out - target) ** 2)
+        weight = observed.to(out.dtype)
+        return torch.sum((out - target) ** 2 * weight) / weight.sum().clamp(min=1.0)
 
     # ------------------------------------------------------------------ sampling
     def default_steps(self, sampler: str) -> int:

@@ -85,6 +85,7 @@ PARAMETER_CONSTRAINTS = {
     "calibration": P.one_of(("conformal", "off"), "choose 'conformal' or 'off'"),
     "site_covariate": P.Constraint(lambda v: v is None or isinstance(v, str), "a covariate name or None"),
     "draw_table": P.one_of(("auto", "off"), "choose 'auto' or 'off'"),
+    "missing_idps": P.one_of(("use", "drop"), "choose 'use' or 'drop'"),
 }
 
 
@@ -176,6 +177,10 @@ class NormativeDiffusion:
         network and give the same numbers on every machine (:mod:`~normdiff_bids.model.draw_table`;
         skipped when it would exceed ``MAX_TABLE_BYTES``). ``"off"``: draw when scoring. Can be changed
         after fitting (``"off"`` then draws afresh).
+    missing_idps : "use" | "drop"
+        Training rows that miss some IDPs (NaN or inf): ``"use"`` trains on the IDPs they have (the
+        location-scale stage gives a missing entry no weight, the network's loss leaves it out and its
+        input gets a stand-in drawn from the standardised marginal); ``"drop"`` drops those rows.
     verbose : bool
         Progress bars (also silenced by ``CI=true`` or ``NORMDIFF_QUIET=1``).
     """
@@ -190,7 +195,8 @@ class NormativeDiffusion:
                  preset: str | None = None, ema_decay: float | None = None, patience: int | None = None,
                  covariate_grid: str = "auto", grid_step: float | None = None,
                  location_scale: str = "pooled", calibration: str = "conformal",
-                 site_covariate: str | None = "site", draw_table: str = "auto", verbose: bool = True):
+                 site_covariate: str | None = "site", draw_table: str = "auto", missing_idps: str = "use",
+                 verbose: bool = True):
         self.backbone = backbone
         self.covariates = covariates
         self.seed = seed
@@ -216,6 +222,7 @@ class NormativeDiffusion:
         self.calibration = calibration
         self.site_covariate = site_covariate
         self.draw_table = draw_table
+        self.missing_idps = missing_idps
         self.verbose = verbose
 
     # ------------------------------------------------------------------ sklearn conventions
@@ -285,7 +292,9 @@ class NormativeDiffusion:
         """Learn the joint distribution of ``idps`` given the covariates from the rows of ``table``.
 
         ``idps=None`` takes every numeric column that is not a covariate or an id column. Rows with a
-        missing or non-finite IDP or covariate are dropped (count in ``n_dropped_``, with a warning).
+        missing covariate (or no IDP) are dropped (count in ``n_dropped_``, with a warning); rows missing
+        some IDPs train on those they have (``missing_idps="use"``, count in ``n_partial_``) or are
+        dropped too (``"drop"``).
         Returns ``self``.
         """
         self._check_params()
@@ -296,20 +305,37 @@ class NormativeDiffusion:
         covariates = list(self.covariates)
         idps = self._select_idps(table, idps, covariates)
         values = idp_matrix(table, idps, "training")
-        complete = np.isfinite(values).all(axis=1)
+        values = np.where(np.isfinite(values), values, np.nan)  # inf is as unusable as a missing value
+        has_covariates = np.ones(len(table), dtype=bool)
         for name in covariates:
-            complete &= present(table[name]).to_numpy()
-        n_dropped = int((~complete).sum())
-        if complete.sum() < MIN_TRAIN_ROWS:
-            raise InputError(f"only {int(complete.sum())} of {len(table)} rows have every IDP and "
-                             f"covariate ({n_dropped} have missing or non-finite values); at least "
-                             f"{MIN_TRAIN_ROWS} are needed to fit a model")
+            has_covariates &= present(table[name]).to_numpy()
+        observed = np.isfinite(values)
+        if self.missing_idps == "use":  # a row missing some IDPs still informs the others
+            usable = has_covariates & observed.any(axis=1)
+        else:
+            usable = has_covariates & observed.all(axis=1)
+        n_dropped = int((~usable).sum())
+        what = "every IDP and covariate" if self.missing_idps == "drop" else "its covariates and an IDP"
+        if usable.sum() < MIN_TRAIN_ROWS:
+            raise InputError(f"only {int(usable.sum())} of {len(table)} rows have {what} ({n_dropped} have "
+                             f"missing or non-finite values); at least {MIN_TRAIN_ROWS} are needed to fit "
+                             f"a model")
         if n_dropped:
-            warnings.warn(f"{n_dropped} of {len(table)} training rows have missing or non-finite IDPs or "
-                          f"covariates and were dropped", stacklevel=2)
-        kept = table.loc[complete]
-        values = values[complete]
-        constant = [name for name, col in zip(idps, values.T) if np.ptp(col) == 0]
+            warnings.warn(f"{n_dropped} of {len(table)} training rows have missing or non-finite "
+                          f"{'IDPs or ' if self.missing_idps == 'drop' else ''}covariates"
+                          f"{'' if self.missing_idps == 'drop' else ' (or no IDP at all)'} and were "
+                          f"dropped", stacklevel=2)
+        kept = table.loc[usable]
+        values = values[usable]
+        n_partial = int((~np.isfinite(values).all(axis=1)).sum())
+        if n_partial:
+            warnings.warn(f"{n_partial} of {len(kept)} training rows miss some IDPs; they train the model "
+                          f"on the IDPs they have (missing_idps='use')", stacklevel=2)
+        scarce = [name for name, col in zip(idps, values.T) if np.isfinite(col).sum() < MIN_TRAIN_ROWS]
+        if scarce:
+            raise InputError(f"IDP columns with fewer than {MIN_TRAIN_ROWS} values in the training rows: "
+                             f"{scarce[:10]}; drop them (pass idps=[...] without them)")
+        constant = [name for name, col in zip(idps, values.T) if np.nanmax(col) == np.nanmin(col)]
         if constant:
             raise InputError(f"IDP columns are constant in the training rows: {constant}; a normative model "
                              f"needs variation; drop them (pass idps=[...] without them)")
@@ -335,6 +361,7 @@ class NormativeDiffusion:
         self.calibration_ = None
         self.adaptations_ = []
         self.n_dropped_ = n_dropped
+        self.n_partial_ = n_partial
         device = self._torch_device()
         self._build(space.network_schema(), n_rows=len(x), device=device)
         try:
@@ -395,10 +422,12 @@ class NormativeDiffusion:
         checked = None
         if len(unseen):
             held = heldout_residuals(self.stage_, *inputs, x, unseen)
-            checked = self._score_model_space(held, cont[unseen], cat[unseen], missing[unseen],
-                                              with_joint=True)["joint_centile"]
-        return CentileCalibration.fit(crossfit["centiles"], inputs[2], crossfit["joint_centile"],
-                                      joint_unseen=checked)
+            scored = self._score_model_space(held, cont[unseen], cat[unseen], missing[unseen],
+                                             with_joint=True)
+            checked = scored["joint_centile"][scored["joint_n_idps"] == x.shape[1]]
+        # the joint map is over every IDP: rows missing some are scored on a subset, so they are left out
+        joint = crossfit["joint_centile"][crossfit["joint_n_idps"] == x.shape[1]]
+        return CentileCalibration.fit(crossfit["centiles"], inputs[2], joint, joint_unseen=checked)
 
     def _select_idps(self, table, idps, covariates) -> list[str]:
         problems = ProblemCollector()

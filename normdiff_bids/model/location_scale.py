@@ -91,12 +91,17 @@ class LocationScaleStage:
     # ------------------------------------------------------------------ fit
     def fit(self, cont: np.ndarray, fixed: np.ndarray, site: np.ndarray, y: np.ndarray,
             n_sites: int | None = None) -> LocationScaleStage:
-        """Fit on complete rows: ``cont [R, c]``, ``fixed [R, f]`` codes, ``site [R]`` codes, ``y [R, D]``."""
+        """Fit on ``cont [R, c]``, ``fixed [R, f]`` codes, ``site [R]`` codes, ``y [R, D]``; a NaN in ``y``
+        is a missing value: that entry has no weight in its IDP's fit (the row still counts for the
+        others)."""
         cfg = self.config
         cont = np.asarray(cont, dtype=np.float64).reshape(len(y), -1)
         fixed = np.asarray(fixed, dtype=np.int64).reshape(len(y), -1)
         site = np.asarray(site, dtype=np.int64).reshape(-1)
         y = np.asarray(y, dtype=np.float64)
+        observed = np.isfinite(y)
+        mask = observed.astype(np.float64)
+        y = np.where(observed, y, 0.0)
         n, d = y.shape
         self.n_sites_ = int(n_sites if n_sites is not None else (site.max() + 1 if len(site) else 0))
         inner = max(2, cfg.n_knots)
@@ -109,11 +114,11 @@ class LocationScaleStage:
         pen[0] = 0.0
 
         var = np.ones((n, d))
-        w_log = np.full((n, d), 1.0 / _LOG_CHI2_VAR)
+        w_log = mask / _LOG_CHI2_VAR
         logvar = None
         for _ in range(cfg.n_iter):
-            beta, u, tau2, u_var = _mixed_model(F, Z, y, 1.0 / var, pen, cfg.em_iter)
-            resid = y - F @ beta - Z @ u
+            beta, u, tau2, u_var = _mixed_model(F, Z, y, mask / var, pen, cfg.em_iter)
+            resid = np.where(observed, y - F @ beta - Z @ u, 0.0)
             if logvar is None:
                 # start from the regression of log r^2 (robust to any start), then Fisher scoring of the
                 # normal likelihood of the log-variance (a gamma GLM with log link): working response
@@ -123,12 +128,12 @@ class LocationScaleStage:
             else:
                 # capped: a residual of 0 (an IDP with many zeros) or of 50 SD must not throw a step
                 target = logvar + np.clip(resid**2 / var - 1.0, -1.0, MAX_WORKING_STEP)
-                weights, scale = np.full((n, d), 0.5), 2.0
+                weights, scale = 0.5 * mask, 2.0
             gamma, v, omega2, _ = _mixed_model(F, Z, target, weights, pen * scale, cfg.em_iter)
             logvar = np.clip(F @ gamma + Z @ v, *LOGVAR_RANGE)
             var = np.exp(logvar)
         # log r^2 is biased for non-normal residuals: put the residual variance at exactly 1
-        ratio = np.mean(resid**2 / var, axis=0)
+        ratio = np.sum(resid**2 / var * mask, axis=0) / np.maximum(mask.sum(axis=0), 1.0)
         gamma[0] += np.log(ratio)
         self.beta_, self.u_, self.tau2_, self.u_var_ = beta, u, tau2, u_var
         self.gamma_, self.v_, self.omega2_ = gamma, v, omega2

@@ -34,11 +34,12 @@ class IDPScaler:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or len(x) < 2:
             raise ValueError(f"IDPScaler.fit needs a [rows >= 2, IDPs] array, got shape {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError("IDPScaler.fit needs finite values; drop rows with NaN/inf first")
+        if np.isinf(x).any() or (np.isnan(x).all(axis=0)).any():
+            raise ValueError("IDPScaler.fit needs finite values (NaN marks a missing one) and at least "
+                             "one value per IDP")
         if self.method == "zscore":
-            self.mean_ = x.mean(axis=0)
-            self.scale_ = x.std(axis=0)
+            self.mean_ = np.nanmean(x, axis=0)
+            self.scale_ = np.nanstd(x, axis=0)
             if not (self.scale_ > 0).all():
                 raise ValueError(f"constant IDP columns at positions {np.flatnonzero(self.scale_ <= 0)}")
         else:
@@ -46,6 +47,7 @@ class IDPScaler:
             n = min(self.n_quantiles, len(x))
             probs = (np.arange(n) + 0.5) / n
             for column in x.T:
+                column = column[np.isfinite(column)]
                 kx = np.quantile(column, probs)
                 kx, first = np.unique(kx, return_index=True)
                 if len(kx) < 2:

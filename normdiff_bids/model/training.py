@@ -83,6 +83,7 @@ def train_denoiser(encoder: nn.Module, network: nn.Module, diffusion, x: np.ndar
     x_tr, cont_tr, cat_tr = to(x, train_idx), to(cont, train_idx), to(cat, train_idx)
     x_va, cont_va, cat_va = to(x, val_idx), to(cont, val_idx), to(cat, val_idx)
     n_train = len(train_idx)
+    has_missing = bool(np.isnan(x).any())  # rows with missing IDPs: masked loss (complete data: unchanged)
 
     epochs = settings.epoch_budget(n_train)
     lr = float(settings.lr)
@@ -111,11 +112,11 @@ def train_denoiser(encoder: nn.Module, network: nn.Module, diffusion, x: np.ndar
             total = 0.0
             for idx in _batches(order, batch_size):
                 idx = idx.to(device)
-                x0 = x_tr[idx]
+                x0, observed = fill_missing(x_tr[idx], gen) if has_missing else (x_tr[idx], None)
                 if batch_counter % 2 == 1:
                     x0 = augment_inputs(x0, INPUT_NOISE_STD, generator=gen)
                 cond = encoder(cont_tr[idx], cat_tr[idx], generator=gen)
-                loss = diffusion.training_loss(network, x0, cond, generator=gen)
+                loss = diffusion.training_loss(network, x0, cond, generator=gen, observed=observed)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -171,14 +172,25 @@ def _validation_loss(diffusion, modules, ema, x_va, cont_va, cat_va, seed) -> fl
                                 for a in (x_va, cont_va, cat_va))
     gen = torch.Generator().manual_seed(seed + 2)  # the same draws at every validation
     total, count = 0.0, 0
+    missing = bool(torch.isnan(x_rep).any())
     for lo in range(0, len(x_rep), 8192):
         sl = slice(lo, lo + 8192)
         cond = scored["encoder"](cont_rep[sl], cat_rep[sl])
-        loss = diffusion.training_loss(scored["network"], x_rep[sl], cond, generator=gen)
+        x0, observed = fill_missing(x_rep[sl], gen) if missing else (x_rep[sl], None)
+        loss = diffusion.training_loss(scored["network"], x0, cond, generator=gen, observed=observed)
         total += float(loss) * len(x_rep[sl])
         count += len(x_rep[sl])
     modules.train()
     return total / count
+
+
+def fill_missing(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0 with its missing (NaN) entries replaced by N(0, 1) draws, the observed mask)``: model space
+    is standardised per IDP, so a stand-in drawn from the marginal keeps the network's inputs in range;
+    the loss ignores those entries."""
+    observed = ~torch.isnan(x0)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    return torch.where(observed, x0, noise), observed
 
 
 def _batches(order: torch.Tensor, batch_size: int):
