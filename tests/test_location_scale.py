@@ -26,15 +26,22 @@ def truth():
     return rng.normal(0, 0.6, size=(12, 2)), rng.normal(0, 0.3, size=(12, 2))
 
 
-def test_recovers_location_and_scale(truth):
-    shifts, log_sd = truth
-    age, sex, site, y, loc, sd = _cohort(4000, 1, shifts, log_sd)
-    stage = LocationScaleStage().fit(age, sex, site, y, n_sites=12)
-    a2, s2, t2, y2, loc2, sd2 = _cohort(2000, 2, shifts, log_sd)
+def _check_recovery(stage, truth, site):
+    """A fresh sample of the cohort; the stage's location and spread match the truth at the big sites."""
+    fresh = _cohort(2000, 2, *truth)
+    a2, s2, t2, _, loc2, sd2 = fresh
     est_loc, est_sd = stage.location_scale(a2, s2, t2)
     big = np.isin(t2, np.flatnonzero(np.bincount(site, minlength=12) >= 150))
     assert np.abs(est_loc - loc2)[big].mean() < 0.1 * sd2[big].mean()
     assert np.abs(np.log(est_sd / sd2))[big].mean() < 0.1
+    return fresh, big
+
+
+def test_recovers_location_and_scale(truth):
+    shifts, log_sd = truth
+    age, sex, site, y, loc, sd = _cohort(4000, 1, shifts, log_sd)
+    stage = LocationScaleStage().fit(age, sex, site, y, n_sites=12)
+    (a2, s2, t2, y2, _, _), big = _check_recovery(stage, truth, site)
     r = stage.standardise(a2, s2, t2, y2)
     assert abs(r[big].mean()) < 0.1 and abs(r[big].std() - 1) < 0.05
     np.testing.assert_allclose(stage.destandardise(a2, s2, t2, r), y2, atol=1e-9)
@@ -111,11 +118,7 @@ def test_missing_values_have_no_weight_and_the_rest_still_fit(truth):
     holes = np.random.default_rng(3).random(len(y)) < 0.3
     holed[holes, 0] = np.nan
     stage = LocationScaleStage().fit(age, sex, site, holed, n_sites=12)
-    a2, s2, t2, _, loc2, sd2 = _cohort(2000, 2, shifts, log_sd)
-    est_loc, est_sd = stage.location_scale(a2, s2, t2)
-    big = np.isin(t2, np.flatnonzero(np.bincount(site, minlength=12) >= 150))
-    assert np.abs(est_loc - loc2)[big].mean() < 0.1 * sd2[big].mean()
-    assert np.abs(np.log(est_sd / sd2))[big].mean() < 0.1
+    (a2, s2, t2, _, loc2, _), _ = _check_recovery(stage, truth, site)
     r = stage.standardise(age, sex, site, holed)
     assert np.isnan(r[holes, 0]).all() and np.isfinite(r[~holes]).all() and np.isfinite(r[:, 1]).all()
     # IDP 1 has every value, so it is fitted exactly as without the holes in IDP 0
