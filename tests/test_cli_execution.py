@@ -159,3 +159,33 @@ def test_the_options_reach_nipype(tmp_path, monkeypatch):
     assert seen["stop"] is False
     run_workflow(wf, _opts(nprocs=2, stop_on_first_crash=True), tmp_path)
     assert seen["stop"] is True and "memory_gb" not in seen["plugin_args"]
+
+
+def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path):
+    from normdiff_bids.cli.parser import parse_args
+
+    config = tmp_path / "normdiff.toml"
+    config.write_text('n-samples = 300\nidp_set = ["aseg", "global"]\nquiet = true\n'
+                      'unknown-site = "marginal"\ncondition-on = "EstimatedTotalIntraCranialVol"\n')
+    opts = parse_args(["in", "out", "group", "--config-file", str(config), "--n-samples", "500"])
+    assert opts.n_samples == 500 and opts.idp_set == ["aseg", "global"] and opts.quiet
+    assert opts.unknown_site == "marginal" and opts.condition_on == ["EstimatedTotalIntraCranialVol"]
+    assert parse_args(["in", "out", "group"]).n_samples is None  # no file, no change
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("n-sampels = 300\n", "'n-sampels' is not an option; did you mean 'n-samples'?"),
+    ("n-samples = 'many'\n", "n-samples = 'many': 'many' is not a whole number"),
+    ("quiet = 'yes'\n", "quiet = 'yes': use true or false"),
+    ("unknown-site = 'guess'\n", "choose from error, marginal"),
+    ("n-samples = \n", "is not valid TOML"),
+])
+def test_bad_config_files_are_refused_by_key(capsys, tmp_path, text, expected):
+    from normdiff_bids.cli.run import main
+
+    config = tmp_path / "normdiff.toml"
+    config.write_text(text)
+    assert main([str(tmp_path), str(tmp_path / "out"), "group", "--config-file", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(config) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -175,4 +175,88 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars (sets NORMDIFF_QUIET=1)")
     run.add_argument("-v", "--verbose", action="count", default=0,
                      help="more log output (-vv: Nipype node messages and full tracebacks)")
+    run.add_argument("--config-file", type=Path, default=None, metavar="TOML",
+                     help="options from a TOML file, one key per option (its long name, e.g. "
+                          "n-samples = 500, idp-set = [\"aseg\", \"global\"], quiet = true); options on "
+                          "the command line win")
     return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the BIDS-App's command line, with the defaults of ``--config-file`` when one is given.
+
+    Raises :class:`~normdiff_bids.errors.InputError` for a config file that cannot be used (naming the
+    file, the key and the fix); the command line's own errors exit through argparse as usual.
+    """
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config-file", type=Path, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config_file is not None:
+        parser.set_defaults(**read_config(known.config_file, parser))
+    return parser.parse_args(argv)
+
+
+def read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
+    """The option defaults a TOML config file sets, checked with the options' own types and choices."""
+    import difflib
+    import tomllib
+
+    from normdiff_bids.errors import InputError, ProblemCollector
+
+    path = Path(path).expanduser()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"--config-file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--config-file {path} cannot be read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"--config-file {path} is not valid TOML: {exc}; write one option per line, "
+                         f"e.g. n-samples = 500") from None
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "version",
+                                                                                       "config_file")}
+    names = sorted(a.option_strings[-1].lstrip("-") for a in actions.values())
+    problems = ProblemCollector()
+    defaults = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            close = difflib.get_close_matches(str(key).replace("_", "-"), names, n=1)
+            problems.add(f"{key!r} is not an option" + (f"; did you mean {close[0]!r}?" if close else
+                                                        f"; options are {', '.join(names)}"))
+            continue
+        try:
+            defaults[dest] = _config_value(action, value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            problems.add(f"{key} = {value!r}: {exc}")
+    problems.raise_if_any(header=f"--config-file {path} cannot be used")
+    return defaults
+
+
+def _config_value(action: argparse.Action, value):
+    """``value`` (from TOML) as the option would have parsed it on the command line."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ValueError("use true or false")
+        return value
+    if isinstance(action, argparse._CountAction):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError("use a whole number (0, 1, 2)")
+        return value
+    many = action.nargs in ("+", "*")
+    items = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        raise ValueError("takes one value, not a list")
+    if many and not items:
+        raise ValueError("needs at least one value")
+    if any(isinstance(v, dict | list) for v in items):
+        raise ValueError("values must be strings or numbers")
+    convert = action.type or str
+    out = [convert(str(v)) for v in items]
+    if action.choices is not None:
+        bad = [v for v in out if v not in action.choices]
+        if bad:
+            raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
+    return out if many else out[0]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from normdiff_bids.cli.parser import build_parser
+from normdiff_bids.cli.parser import parse_args
 from normdiff_bids.conventions import preview
 from normdiff_bids.errors import InputError, NormdiffError, OutputError, ProblemCollector
 
@@ -54,7 +54,11 @@ class Plan:
 
 def main(argv=None) -> int:
     """Run the BIDS-App; return the exit status (0 success, 2 bad input, 3 unsafe output folder)."""
-    opts = build_parser().parse_args(argv)
+    try:
+        opts = parse_args(argv)
+    except NormdiffError as exc:
+        _say(f"normdiff-bids: error: {exc}", always=True)
+        return exc.exit_code
     # Set before nipype is first imported: no network version check, and quiet worker processes.
     saved = {k: os.environ.get(k) for k in ("NIPYPE_NO_ET", "NORMDIFF_QUIET")}
     os.environ["NIPYPE_NO_ET"] = "1"
