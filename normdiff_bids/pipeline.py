@@ -145,7 +145,7 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
                         age_column="age", sex_column="sex", site_column="site", n_samples=None,
                         unknown_site="error", device="auto", use_gpu=False, nprocs: int | None = None,
                         scores=None, batches: int | None = None, condition_on: Sequence[str] = (),
-                        idp_table=None, name=None) -> pe.Workflow:
+                        idp_table=None, reports_only: bool = False, name=None) -> pe.Workflow:
     """Participant level: score the selection against ``model_dir`` in one pass (a row's scores never
     depend on the other rows), then ``subject_outputs_*`` nodes, one per batch of rows, write each row's
     deviation table, deviation maps and report (:class:`SubjectOutputs`).
@@ -161,6 +161,7 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
     numbers since a row's scores never depend on the other rows scored with it.
     ``condition_on``: IDPs the other IDPs are also scored conditionally on. ``idp_table``: the
     selection's IDP table already collected (a TSV), used instead of reading the dataset again.
+    ``reports_only``: with ``scores``, only the reports are re-written (tables and maps stay).
     """
     wf = _workflow(name or selection_name(subjects, model_dir, scores))
     if scores is not None:
@@ -180,7 +181,8 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
         batches = 4 * (nprocs or os.cpu_count() or 1)
     for batch in subject_batches(subjects, batches):
         node = pe.Node(SubjectOutputs(output_dir=os.fspath(output_dir), model_dir=os.fspath(model_dir),
-                                      subjects=[_plain(s) for s in batch], num_threads=1),
+                                      subjects=[_plain(s) for s in batch], num_threads=1,
+                                      reports_only=bool(reports_only)),
                        name=batch_name(batch))
         wf.connect(score, "scores", node, "scores")
     return wf

@@ -176,3 +176,22 @@ def test_condition_on_adds_conditional_columns_sidecars_and_a_report_section(bid
     assert f"(given: {given})" in sidecar["cond_centile"]["Description"]
     html = (out / "sub-001.html").read_text()
     assert f"Given {given}" in html and "given: centile" in html
+
+
+def test_reports_only_rewrites_reports_and_nothing_else(bids, group_out, tmp_path):
+    out = tmp_path / "normdiff"
+    shutil.copytree(group_out, out)
+    work = tmp_path / "work"
+    assert main([str(bids), str(out), "participant", "--participant-label", "001", *TINY_ARGS,
+                 "--work-dir", str(work)]) == 0
+    report = out / "sub-001.html"
+    tables = {p: p.read_bytes() for p in (out / "sub-001").rglob("*") if p.is_file()}
+    report.unlink()
+    assert main([str(bids), str(out), "participant", "--participant-label", "001", "--reports-only",
+                 *TINY_ARGS, "--work-dir", str(work)]) == 0
+    assert report.is_file() and "sub-001" in report.read_text()
+    assert {p: p.read_bytes() for p in (out / "sub-001").rglob("*") if p.is_file()} == tables
+    # and it is refused with the group level, or without the group tables
+    assert main([str(bids), str(out), "group", "participant", "--reports-only", *TINY_ARGS]) == 2
+    shutil.rmtree(out / "phenotype")
+    assert main([str(bids), str(out), "participant", "--reports-only", *TINY_ARGS]) == 2

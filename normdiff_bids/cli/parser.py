@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-on-first-crash", action="store_true",
                      help="stop at the first failed step; default: run every step that does not depend on "
                           "a failed one (other participants), then list the failures and exit non-zero")
+    run.add_argument("--reports-only", action="store_true",
+                     help="participant level: re-write the selected participants' reports from the group "
+                          "tables and files already in OUTPUT_DIR, without scoring or rewriting them")
     run.add_argument("--quiet", action="store_true", help="no progress bars (sets NORMDIFF_QUIET=1)")
     run.add_argument("-v", "--verbose", action="count", default=0,
                      help="more log output (-vv: Nipype node messages and full tracebacks)")

@@ -258,7 +258,8 @@ def participant_workflow(opts, plan: Plan, work_dir: Path | None = None):
     if plan.model is None:
         _check_model(opts, plan, plan.model_dir)
     scores = None
-    if "group" in plan.levels and opts.model is None and work_dir is not None:
+    reports_only = bool(getattr(opts, "reports_only", False))
+    if (reports_only or ("group" in plan.levels and opts.model is None)) and work_dir is not None:
         scores = group_scores(plan.output_dir, Path(work_dir) / "group_scores.tsv")
     return init_participant_wf(
         bids_dir=plan.bids_dir, output_dir=plan.output_dir, model_dir=plan.model_dir,
@@ -268,7 +269,8 @@ def participant_workflow(opts, plan: Plan, work_dir: Path | None = None):
         n_samples=opts.n_samples, unknown_site=opts.unknown_site, device=opts.device,
         use_gpu=_uses_gpu(opts.device), nprocs=_node_threads(opts), scores=scores,
         condition_on=opts.condition_on or (),
-        idp_table=None if scores is not None else _checked_table(plan, work_dir, "participant"))
+        idp_table=None if scores is not None else _checked_table(plan, work_dir, "participant"),
+        reports_only=reports_only)
 
 
 def group_scores(output_dir: Path, path: Path) -> Path:
@@ -287,6 +289,9 @@ def group_scores(output_dir: Path, path: Path) -> Path:
 
 def check_inputs(opts, levels) -> Plan:
     """Validate every input named on the command line; raise :class:`NormdiffError` naming the culprit."""
+    if getattr(opts, "reports_only", False) and "group" in levels:
+        raise InputError("--reports-only re-writes the participant level's reports; run it with "
+                         "'participant' alone (the group level writes its report when it runs)")
     from normdiff_bids.outputs.dataset import check_output_dir
     from normdiff_bids.outputs.names import clean_label, model_dir
 
@@ -348,7 +353,28 @@ def check_inputs(opts, levels) -> Plan:
         _check_model(opts, plan, plan.model_dir)
         idps = plan.model.idps_
     _check_condition_on(opts.condition_on, idps)
+    if getattr(opts, "reports_only", False):
+        _check_reports_only(levels, plan)
     return plan
+
+
+def _check_reports_only(levels, plan: Plan) -> None:
+    """``--reports-only`` re-writes participant reports: it needs the group tables holding every row."""
+    from normdiff_bids.outputs.tables import read_group_table
+
+    try:
+        table = read_group_table(plan.output_dir)
+    except FileNotFoundError:
+        raise InputError(f"--reports-only needs the group tables in {plan.output_dir / 'phenotype'}; run "
+                         f"the group level first (or the participant level without --reports-only)") from None
+    have = set(zip(table["participant_id"].astype(str),
+                   table["session_id"].astype(str) if "session_id" in table.columns else [""] * len(table)))
+    lacking = [r["participant_id"] + (f" {r['session_id']}" if r.get("session_id") else "") for r in plan.rows
+               if (r["participant_id"], r.get("session_id") or "") not in have]
+    if lacking:
+        raise InputError(f"--reports-only: {preview(lacking)} are not in the group tables of "
+                         f"{plan.output_dir}; score them first (the participant level without "
+                         f"--reports-only)")
 
 
 def _idp_columns(table, plan: Plan) -> list[str]:

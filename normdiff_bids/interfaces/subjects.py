@@ -63,6 +63,27 @@ def write_subject_outputs(output_dir, wide_row, model=None, fs_subject_dir=None,
     return files, os.fspath(report)
 
 
+def write_subject_report_only(output_dir, wide_row, model=None, fs_subject_dir=None,
+                              model_name=None) -> str:
+    """Re-write one subject's report from its score row and the files already written for it (its
+    deviation table and maps stay as they are). Returns the report path."""
+    from normdiff_bids.outputs import names
+    from normdiff_bids.outputs.reports import write_subject_report
+
+    row = wide_row.iloc[0]
+    entities = names.subject_entities(row["participant_id"], row.get("session_id"))
+    folder = Path(output_dir) / names.scores_table_path(entities).parent
+    stem = names.scores_table_path(entities).name.split("_desc-")[0] + "_"
+    files = sorted(os.fspath(p) for p in folder.glob(f"{stem}*") if p.is_file())
+    volume_maps = report_maps(files)
+    label_volume = None
+    if fs_subject_dir and volume_maps:
+        candidate = Path(fs_subject_dir) / "mri" / "aparc+aseg.mgz"
+        label_volume = candidate if candidate.is_file() else None
+    return os.fspath(write_subject_report(output_dir, row, model=model, maps=volume_maps or None,
+                                          label_volume=label_volume, files=files, model_name=model_name))
+
+
 class _SubjectOutputsInputSpec(BaseInterfaceInputSpec):
     scores = File(exists=True, mandatory=True, desc="wide score table (ScoreDeviations) holding the subjects")
     subjects = traits.List(traits.Dict(), mandatory=True,
@@ -73,6 +94,9 @@ class _SubjectOutputsInputSpec(BaseInterfaceInputSpec):
     model_name = traits.Str(desc="name of the model shown in the reports")
     num_threads = traits.Int(desc="CPU threads torch may use; default: torch's")
     output_dir = Directory(mandatory=True, desc="the derivatives folder (prepared by prepare_output_dir)")
+    reports_only = traits.Bool(False, usedefault=True,
+                               desc="re-write only the reports, from the score table and the files already "
+                                    "in the derivatives folder")
 
 
 class _SubjectOutputsOutputSpec(TraitedSpec):
@@ -104,9 +128,12 @@ class SubjectOutputs(SimpleInterface):
         for subject in self.inputs.subjects:
             pid, ses = subject["participant_id"], subject.get("session_id") or None
             try:
-                files, report = write_subject_outputs(
-                    self.inputs.output_dir, select_row(wide, pid, ses, self.inputs.scores), model=model,
-                    fs_subject_dir=subject.get("fs_subject_dir"), model_name=name)
+                row = select_row(wide, pid, ses, self.inputs.scores)
+                where = {"model": model, "fs_subject_dir": subject.get("fs_subject_dir"), "model_name": name}
+                if self.inputs.reports_only:
+                    files, report = [], write_subject_report_only(self.inputs.output_dir, row, **where)
+                else:
+                    files, report = write_subject_outputs(self.inputs.output_dir, row, **where)
             except (NormdiffError, OSError, ValueError) as err:
                 failed.append(f"{pid}{' ' + ses if ses else ''}: {err}")
                 continue
