@@ -61,13 +61,11 @@ class NormDiffReport(SimpleInterface):
 
             set_threads(self.inputs.num_threads)
             model = load_model(self.inputs.model_dir)
+        from normdiff_bids.interfaces.subjects import label_volume as label_volume_of
         from normdiff_bids.interfaces.subjects import report_maps
 
         maps = report_maps(self.inputs.volume_maps if isdefined(self.inputs.volume_maps) else [])
-        label_volume = None
-        if isdefined(self.inputs.fs_subject_dir):
-            candidate = Path(self.inputs.fs_subject_dir) / "mri" / "aparc+aseg.mgz"
-            label_volume = candidate if candidate.is_file() else None
+        label_volume = label_volume_of(_maybe(self.inputs.fs_subject_dir))
         output_dir = self.inputs.output_dir if isdefined(self.inputs.output_dir) else runtime.cwd
         path = write_subject_report(
             output_dir, row, model=model, maps=maps or None, label_volume=label_volume if maps else None,

@@ -40,27 +40,39 @@ def report_maps(paths) -> dict[str, str]:
     return maps
 
 
-def write_subject_outputs(output_dir, wide_row, model=None, fs_subject_dir=None, model_name=None,
-                          maps: bool = True) -> tuple[list[str], str]:
+def label_volume(fs_subject_dir) -> Path | None:
+    """The ``mri/aparc+aseg.mgz`` of a FreeSurfer subject folder, which the maps are painted into (``None``
+    without a folder or the file)."""
+    if not fs_subject_dir:
+        return None
+    candidate = Path(fs_subject_dir) / "mri" / "aparc+aseg.mgz"
+    return candidate if candidate.is_file() else None
+
+
+def _write_report(output_dir, row, files, model, fs_subject_dir, model_name) -> str:
+    """A subject's report listing ``files``, with slices of the NIfTI maps among them."""
+    from normdiff_bids.outputs.reports import write_subject_report
+
+    volume_maps = report_maps(files)
+    return os.fspath(write_subject_report(
+        output_dir, row, model=model, maps=volume_maps or None,
+        label_volume=label_volume(fs_subject_dir) if volume_maps else None, files=files,
+        model_name=model_name))
+
+
+def write_subject_outputs(output_dir, wide_row, model=None, fs_subject_dir=None,
+                          model_name=None) -> tuple[list[str], str]:
     """Write one subject's deviation table, maps (with ``fs_subject_dir``) and report from its one-row
     wide score table ``wide_row``. Returns ``(files written, report path)``."""
     from normdiff_bids.outputs.maps import write_deviation_maps
-    from normdiff_bids.outputs.reports import write_subject_report
     from normdiff_bids.outputs.tables import write_subject_scores
 
     row = wide_row.iloc[0]
     files = [os.fspath(p) for p in write_subject_scores(output_dir, wide_row)]
-    label_volume, volume_maps = None, {}
-    if maps and fs_subject_dir:
+    if fs_subject_dir:
         written = write_deviation_maps(output_dir, row, fs_subject_dir)
-        painted = [os.fspath(p) for paths in written.values() for p in paths]
-        files += painted
-        volume_maps = report_maps(painted)
-        candidate = Path(fs_subject_dir) / "mri" / "aparc+aseg.mgz"
-        label_volume = candidate if candidate.is_file() and volume_maps else None
-    report = write_subject_report(output_dir, row, model=model, maps=volume_maps or None,
-                                  label_volume=label_volume, files=files, model_name=model_name)
-    return files, os.fspath(report)
+        files += [os.fspath(p) for paths in written.values() for p in paths]
+    return files, _write_report(output_dir, row, files, model, fs_subject_dir, model_name)
 
 
 def write_subject_report_only(output_dir, wide_row, model=None, fs_subject_dir=None,
@@ -68,20 +80,13 @@ def write_subject_report_only(output_dir, wide_row, model=None, fs_subject_dir=N
     """Re-write one subject's report from its score row and the files already written for it (its
     deviation table and maps stay as they are). Returns the report path."""
     from normdiff_bids.outputs import names
-    from normdiff_bids.outputs.reports import write_subject_report
 
     row = wide_row.iloc[0]
     entities = names.subject_entities(row["participant_id"], row.get("session_id"))
     folder = Path(output_dir) / names.scores_table_path(entities).parent
-    stem = names.scores_table_path(entities).name.split("_desc-")[0] + "_"
-    files = sorted(os.fspath(p) for p in folder.glob(f"{stem}*") if p.is_file())
-    volume_maps = report_maps(files)
-    label_volume = None
-    if fs_subject_dir and volume_maps:
-        candidate = Path(fs_subject_dir) / "mri" / "aparc+aseg.mgz"
-        label_volume = candidate if candidate.is_file() else None
-    return os.fspath(write_subject_report(output_dir, row, model=model, maps=volume_maps or None,
-                                          label_volume=label_volume, files=files, model_name=model_name))
+    prefix = names.subject_report_path(entities).stem + "_"  # sub-<label>[_ses-<label>]_
+    files = sorted(os.fspath(p) for p in folder.glob(f"{prefix}*") if p.is_file())
+    return _write_report(output_dir, row, files, model, fs_subject_dir, model_name)
 
 
 class _SubjectOutputsInputSpec(BaseInterfaceInputSpec):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from normdiff_bids.model.sampling import Drawer, Grid
+from normdiff_bids.model.sampling import Drawer, Grid, point_key
 
 __all__ = ["MAX_TABLE_BYTES", "TENSOR_PREFIX", "DrawTable", "grid_points"]
 
@@ -56,12 +56,7 @@ class DrawTable:
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        self._index = {self.key(c, k): i for i, (c, k) in enumerate(zip(self.points_cont, self.points_cat))}
-
-    @staticmethod
-    def key(cont_row, cat_row) -> tuple[bytes, bytes]:
-        return (np.ascontiguousarray(cont_row, dtype=np.float32).tobytes(),
-                np.ascontiguousarray(cat_row, dtype=np.int64).tobytes())
+        self._index = {point_key(c, k): i for i, (c, k) in enumerate(zip(self.points_cont, self.points_cat))}
 
     def __len__(self) -> int:
         return len(self.points_cont)
@@ -76,7 +71,7 @@ class DrawTable:
 
     def find(self, cont_row, cat_row) -> np.ndarray | None:
         """The draws ``[S, D]`` of one point, or ``None`` when the table does not hold it."""
-        i = self._index.get(self.key(cont_row, cat_row))
+        i = self._index.get(point_key(cont_row, cat_row))
         return None if i is None else self.samples[i]
 
     @classmethod

@@ -326,12 +326,12 @@ class NormativeDiffusion:
                           f"{'' if self.missing_idps == 'drop' else ' (or no IDP at all)'} and were "
                           f"dropped", stacklevel=2)
         kept = table.loc[usable]
-        values = values[usable]
-        n_partial = int((~np.isfinite(values).all(axis=1)).sum())
+        values, observed = values[usable], observed[usable]
+        n_partial = int((~observed.all(axis=1)).sum())
         if n_partial:
             warnings.warn(f"{n_partial} of {len(kept)} training rows miss some IDPs; they train the model "
                           f"on the IDPs they have (missing_idps='use')", stacklevel=2)
-        scarce = [name for name, col in zip(idps, values.T) if np.isfinite(col).sum() < MIN_TRAIN_ROWS]
+        scarce = [name for name, n in zip(idps, observed.sum(axis=0)) if n < MIN_TRAIN_ROWS]
         if scarce:
             raise InputError(f"IDP columns with fewer than {MIN_TRAIN_ROWS} values in the training rows: "
                              f"{scarce[:10]}; drop them (pass idps=[...] without them)")

@@ -23,7 +23,7 @@ from normdiff_bids.scoring.centiles import interpolate_quantile_functions
 from normdiff_bids.scoring.conditional import PointDraws
 
 __all__ = ["GRID_STEP_FRACTION", "NOISE_BYTES_PER_CALL", "ROWS_PER_CALL", "ROW_CHUNK_ELEMENTS", "Drawer",
-           "Grid", "plan_points", "point_seed", "scored_points", "small_blas"]
+           "Grid", "plan_points", "point_key", "point_seed", "scored_points", "small_blas"]
 
 #: Target rows (samples) per network call when sampling, and the memory budget for its noise.
 ROWS_PER_CALL = 4096
@@ -75,6 +75,13 @@ def plan_points(cont: np.ndarray, cat: np.ndarray, rows: np.ndarray, grid: Grid 
     lo, hi = inverse[: len(rows)], inverse[len(rows):]
     points_cont = ((uniq[:, -1] * step - grid.mean) / grid.sd).astype(np.float32)[:, None]
     return points_cont, uniq[:, :-1].astype(np.int64), lo, hi, w
+
+
+def point_key(cont_row: np.ndarray, cat_row: np.ndarray) -> tuple[bytes, bytes]:
+    """The identity of one covariate point as encoded (float32 continuous, int64 categorical), the key
+    its draws are kept under (draw cache, draw table)."""
+    return (np.ascontiguousarray(cont_row, dtype=np.float32).tobytes(),
+            np.ascontiguousarray(cat_row, dtype=np.int64).tobytes())
 
 
 def point_seed(seed: int, cont_row: np.ndarray, cat_row: np.ndarray) -> int:
@@ -167,9 +174,7 @@ class Drawer:
         n_points = len(points_cont)
         settings = (self.weights_token, int(self.seed), n_samples, sampler, steps, str(device),
                     self.standardise)
-        keys = [settings + (np.ascontiguousarray(points_cont[i], dtype=np.float32).tobytes(),
-                            np.ascontiguousarray(points_cat[i], dtype=np.int64).tobytes())
-                for i in range(n_points)]
+        keys = [settings + point_key(points_cont[i], points_cat[i]) for i in range(n_points)]
         table = self.table if self.table is not None and self.table.serves(self.table_settings(n_samples)) \
             else None
         tabled = [None if table is None else table.find(points_cont[i], points_cat[i])
