@@ -49,6 +49,7 @@ class Plan:
     base_model: object = None  # the model --from-model adapts (group level)
     rows: list[dict] = field(default_factory=list)  # rows the participant level writes files for
     table: object = None  # the IDP table collected while checking (pandas DataFrame)
+    group_table: object = None  # the group level's score tables, read while checking (--reports-only)
     group_done: bool = False  # the group level of this run has finished (its model is installed)
 
 
@@ -260,7 +261,7 @@ def participant_workflow(opts, plan: Plan, work_dir: Path | None = None):
     scores = None
     reports_only = bool(getattr(opts, "reports_only", False))
     if (reports_only or ("group" in plan.levels and opts.model is None)) and work_dir is not None:
-        scores = group_scores(plan.output_dir, Path(work_dir) / "group_scores.tsv")
+        scores = group_scores(plan.output_dir, Path(work_dir) / "group_scores.tsv", plan.group_table)
     return init_participant_wf(
         bids_dir=plan.bids_dir, output_dir=plan.output_dir, model_dir=plan.model_dir,
         subjects=plan.rows, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
@@ -273,8 +274,9 @@ def participant_workflow(opts, plan: Plan, work_dir: Path | None = None):
         reports_only=reports_only)
 
 
-def group_scores(output_dir: Path, path: Path) -> Path:
-    """Gather the group tables of ``output_dir`` into one wide table at ``path`` and return it.
+def group_scores(output_dir: Path, path: Path, table=None) -> Path:
+    """Gather the group tables of ``output_dir`` (or ``table``, when they were read already) into one
+    wide table at ``path`` and return it.
 
     The group level writes one phenotype table per session (BIDS phenotype files hold one row per
     participant), plus one for rows without a session; the participant level reads them as one table.
@@ -282,7 +284,7 @@ def group_scores(output_dir: Path, path: Path) -> Path:
     from normdiff_bids.interfaces.tables import write_table
     from normdiff_bids.outputs.tables import read_group_table
 
-    return Path(write_table(read_group_table(output_dir), path))
+    return Path(write_table(read_group_table(output_dir) if table is None else table, path))
 
 
 # -- checking the inputs --------------------------------------------------------------------------
@@ -354,12 +356,15 @@ def check_inputs(opts, levels) -> Plan:
         idps = plan.model.idps_
     _check_condition_on(opts.condition_on, idps)
     if getattr(opts, "reports_only", False):
-        _check_reports_only(levels, plan)
+        _check_reports_only(plan)
     return plan
 
 
-def _check_reports_only(levels, plan: Plan) -> None:
-    """``--reports-only`` re-writes participant reports: it needs the group tables holding every row."""
+def _check_reports_only(plan: Plan) -> None:
+    """``--reports-only`` re-writes participant reports: it needs the group tables holding every row
+    (kept in ``plan.group_table`` for the workflow)."""
+    import pandas as pd
+
     from normdiff_bids.outputs.tables import read_group_table
 
     try:
@@ -367,14 +372,15 @@ def _check_reports_only(levels, plan: Plan) -> None:
     except FileNotFoundError:
         raise InputError(f"--reports-only needs the group tables in {plan.output_dir / 'phenotype'}; run "
                          f"the group level first (or the participant level without --reports-only)") from None
-    have = set(zip(table["participant_id"].astype(str),
-                   table["session_id"].astype(str) if "session_id" in table.columns else [""] * len(table)))
+    sessions = table["session_id"] if "session_id" in table.columns else pd.Series([None] * len(table))
+    have = {(str(p), "" if pd.isna(s) else str(s)) for p, s in zip(table["participant_id"], sessions)}
     lacking = [r["participant_id"] + (f" {r['session_id']}" if r.get("session_id") else "") for r in plan.rows
                if (r["participant_id"], r.get("session_id") or "") not in have]
     if lacking:
         raise InputError(f"--reports-only: {preview(lacking)} are not in the group tables of "
                          f"{plan.output_dir}; score them first (the participant level without "
                          f"--reports-only)")
+    plan.group_table = table
 
 
 def _idp_columns(table, plan: Plan) -> list[str]:
