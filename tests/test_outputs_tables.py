@@ -1,4 +1,4 @@
-"""Score tables: tidy <-> wide round trip, and sidecars that describe every column."""
+"""Score tables: tidy <-> wide round trip, sidecars that describe every column, and the files."""
 
 from __future__ import annotations
 
@@ -9,17 +9,15 @@ import pandas as pd
 import pytest
 from outputs_helpers import IDPS, tiny_scores
 
-from normdiff_bids.outputs import names
-from normdiff_bids.outputs.tables import (
-    column_descriptions,
-    idps_of_wide,
+from normdiff_bids.outputs import names, tables
+from normdiff_bids.outputs.score_files import (
     read_group_table,
     read_scores_table,
-    scores_to_long,
-    scores_to_wide,
     write_group_table,
     write_subject_scores,
 )
+from normdiff_bids.outputs.score_tables import idps_of_wide, scores_to_long, scores_to_wide
+from normdiff_bids.outputs.sidecars import column_descriptions
 
 
 def _tidy_dtypes(tidy):
@@ -152,3 +150,16 @@ def test_descriptions_cover_unknown_covariates():
     desc = column_descriptions(table, idps=[])
     assert desc["scanner"]["Levels"] == {"prisma": "prisma"}
     assert "education" in desc["education"]["Description"]
+
+
+def test_the_old_import_path_gives_the_same_functions():
+    from normdiff_bids.outputs import score_files, score_tables, sidecars
+
+    old_names = ["ID_COLUMNS", "IDP_FIELDS", "SUBJECT_SCORE_COLUMNS", "TIDY_COLUMNS", "TEXT_COLUMNS",
+                 "Z_UNITS", "REFERENCE_TABLE_NAME", "scores_to_wide", "scores_to_long", "idps_of_wide",
+                 "given_idps", "covariate_columns", "subject_rows", "subject_table", "wide_row", "z_by_idp",
+                 "column_descriptions", "write_tsv", "read_scores_table", "write_subject_scores",
+                 "write_group_table", "write_reference_table", "read_group_table"]
+    for name in old_names:
+        assert any(getattr(home, name, None) is getattr(tables, name)
+                   for home in (score_files, score_tables, sidecars)), name

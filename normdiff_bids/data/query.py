@@ -17,6 +17,11 @@ The grammar covers what selecting a reference needs and nothing that runs code::
 ``&`` and ``|`` bind like ``and`` and ``or`` (as in ``DataFrame.query``). A missing value (NaN,
 ``n/a``) makes every comparison and every ``in``/``not in`` false; ``not`` negates the result.
 There are no function calls, attributes, ``@`` variables or arithmetic, so a query cannot run code.
+
+One module on purpose, though near 500 lines: it is one grammar, read top to bottom (syntax tree,
+tokenizer, parser, then the evaluation that gives each rule above its meaning over a table). The parts
+share the tree, the keywords and the caret under the query that every error shows, and callers use only
+the public functions below.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class WriteSubjectScores(SimpleInterface):
 
     def _run_interface(self, runtime):
         from normdiff_bids.interfaces.tables import subject_scores
-        from normdiff_bids.outputs.tables import write_subject_scores
+        from normdiff_bids.outputs.score_files import write_subject_scores
 
         session = self.inputs.session_id if isdefined(self.inputs.session_id) else None
         row = subject_scores(self.inputs.scores, self.inputs.participant_id, session)
@@ -73,7 +73,7 @@ class WriteGroupTable(SimpleInterface):
 
     def _run_interface(self, runtime):
         from normdiff_bids.interfaces.tables import read_table
-        from normdiff_bids.outputs.tables import write_group_table, write_reference_table
+        from normdiff_bids.outputs.score_files import write_group_table, write_reference_table
 
         wide = read_table(self.inputs.scores)
         written = list(write_group_table(self.inputs.output_dir, wide, merge=False))

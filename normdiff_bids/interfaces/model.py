@@ -257,7 +257,7 @@ class ScoreDeviations(SimpleInterface):
 
     def _run_interface(self, runtime):
         from normdiff_bids.model.normative import load_model
-        from normdiff_bids.outputs.tables import scores_to_wide
+        from normdiff_bids.outputs.score_tables import scores_to_wide
 
         set_threads(self.inputs.num_threads)
         model = load_model(self.inputs.model_dir, device=self.inputs.device)

@@ -65,7 +65,7 @@ def write_subject_outputs(output_dir, wide_row, model=None, fs_subject_dir=None,
     """Write one subject's deviation table, maps (with ``fs_subject_dir``) and report from its one-row
     wide score table ``wide_row``. Returns ``(files written, report path)``."""
     from normdiff_bids.outputs.maps import write_deviation_maps
-    from normdiff_bids.outputs.tables import write_subject_scores
+    from normdiff_bids.outputs.score_files import write_subject_scores
 
     row = wide_row.iloc[0]
     files = [os.fspath(p) for p in write_subject_scores(output_dir, wide_row)]

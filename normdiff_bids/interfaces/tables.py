@@ -17,7 +17,7 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> str:
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a table written by :func:`write_table`."""
-    from normdiff_bids.outputs.tables import read_scores_table
+    from normdiff_bids.outputs.score_files import read_scores_table
 
     return read_scores_table(path)
 

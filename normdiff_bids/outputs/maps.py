@@ -31,7 +31,7 @@ from normdiff_bids.errors import InputError
 from normdiff_bids.outputs import names
 from normdiff_bids.outputs.dataset import bids_uri
 from normdiff_bids.outputs.regions import MAP_MEASURES, regions_of_measure
-from normdiff_bids.outputs.tables import z_by_idp
+from normdiff_bids.outputs.score_tables import z_by_idp
 
 #: Measures with per-vertex maps (DK regions of ``?h.aparc.annot``).
 SURFACE_MEASURES: tuple[str, ...] = ("thickness", "area", "volume")

@@ -22,7 +22,7 @@ from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.outputs import figures, names
 from normdiff_bids.outputs.regions import describe_idp
-from normdiff_bids.outputs.tables import covariate_columns, given_idps, idps_of_wide, scores_to_wide
+from normdiff_bids.outputs.score_tables import covariate_columns, given_idps, idps_of_wide, scores_to_wide
 from normdiff_bids.templating import render
 
 #: Centiles drawn on the centile curves (the 0.5/99.5 and 2.5/97.5 bands match the |z| flags).
