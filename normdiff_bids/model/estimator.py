@@ -2,8 +2,9 @@
 covariates and scores people against it (per-IDP centiles and z-scores, a joint deviation score).
 
 This module holds the estimator contract (parameters and their checks, ``fit``, the public prediction
-API, the calibration layer's fitting, the model card, save and load). The training loop is
-:mod:`~normdiff_bids.model.training`, the sampling plan and draws :mod:`~normdiff_bids.model.sampling`,
+API, the model card, save and load). The training loop is :mod:`~normdiff_bids.model.training`, the
+calibration layer's fit :mod:`~normdiff_bids.model.calibration`, the columns and rows ``fit`` trains on
+:mod:`~normdiff_bids.model.tables`, the sampling plan and draws :mod:`~normdiff_bids.model.sampling`,
 the two-stage pieces :mod:`~normdiff_bids.model.location_scale` and
 :mod:`~normdiff_bids.model.model_space`, new sites :mod:`~normdiff_bids.model.adaptation`, the presets
 :mod:`~normdiff_bids.model.presets` and the networks :mod:`~normdiff_bids.model.backbones`. It is over
@@ -28,15 +29,15 @@ import torch
 
 from normdiff_bids._version import __version__
 from normdiff_bids.bidsio import json_ready
-from normdiff_bids.conventions import NON_IDP_COLUMNS
-from normdiff_bids.errors import InputError, ProblemCollector
+from normdiff_bids.errors import InputError
 from normdiff_bids.model import params as P
 from normdiff_bids.model.backbones import backbone_names, get_spec
 from normdiff_bids.model.bundle import BundleError, check_params, load_bundle, save_bundle
+from normdiff_bids.model.calibration import fit_calibration
 from normdiff_bids.model.covariates import CovariateEncoder, CovariateEncoderConfig, CovariateSchema
 from normdiff_bids.model.draw_table import MAX_TABLE_BYTES, DrawTable, grid_points
 from normdiff_bids.model.location_scale import LocationScaleStage
-from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals, heldout_residuals
+from normdiff_bids.model.model_space import ModelSpace
 from normdiff_bids.model.preprocess import METHODS as PREPROCESSING_METHODS
 from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.model.presets import PRESETS
@@ -48,8 +49,8 @@ from normdiff_bids.model.sampling import (
     scored_points,
     small_blas,
 )
-from normdiff_bids.model.tables import idp_matrix, present
-from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser, validation_split
+from normdiff_bids.model.tables import idp_matrix, select_idps, training_rows
+from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser
 from normdiff_bids.scoring.centiles import centiles_to_z, empirical_centiles, sample_quantiles
 from normdiff_bids.scoring.conditional import MIN_SPARE_DRAWS, conditional_centiles, joint_subset_scores
 from normdiff_bids.scoring.conformal import CentileCalibration
@@ -303,42 +304,9 @@ class NormativeDiffusion:
         start = time.perf_counter()
         self._weights_digest = None  # new weights: earlier draws are not theirs
         covariates = list(self.covariates)
-        idps = self._select_idps(table, idps, covariates)
-        values = idp_matrix(table, idps, "training")
-        values = np.where(np.isfinite(values), values, np.nan)  # inf is as unusable as a missing value
-        has_covariates = np.ones(len(table), dtype=bool)
-        for name in covariates:
-            has_covariates &= present(table[name]).to_numpy()
-        observed = np.isfinite(values)
-        if self.missing_idps == "use":  # a row missing some IDPs still informs the others
-            usable = has_covariates & observed.any(axis=1)
-        else:
-            usable = has_covariates & observed.all(axis=1)
-        n_dropped = int((~usable).sum())
-        what = "every IDP and covariate" if self.missing_idps == "drop" else "its covariates and an IDP"
-        if usable.sum() < MIN_TRAIN_ROWS:
-            raise InputError(f"only {int(usable.sum())} of {len(table)} rows have {what} ({n_dropped} have "
-                             f"missing or non-finite values); at least {MIN_TRAIN_ROWS} are needed to fit "
-                             f"a model")
-        if n_dropped:
-            warnings.warn(f"{n_dropped} of {len(table)} training rows have missing or non-finite "
-                          f"{'IDPs or ' if self.missing_idps == 'drop' else ''}covariates"
-                          f"{'' if self.missing_idps == 'drop' else ' (or no IDP at all)'} and were "
-                          f"dropped", stacklevel=2)
-        kept = table.loc[usable]
-        values, observed = values[usable], observed[usable]
-        n_partial = int((~observed.all(axis=1)).sum())
-        if n_partial:
-            warnings.warn(f"{n_partial} of {len(kept)} training rows miss some IDPs; they train the model "
-                          f"on the IDPs they have (missing_idps='use')", stacklevel=2)
-        scarce = [name for name, n in zip(idps, observed.sum(axis=0)) if n < MIN_TRAIN_ROWS]
-        if scarce:
-            raise InputError(f"IDP columns with fewer than {MIN_TRAIN_ROWS} values in the training rows: "
-                             f"{scarce[:10]}; drop them (pass idps=[...] without them)")
-        constant = [name for name, col in zip(idps, values.T) if np.nanmax(col) == np.nanmin(col)]
-        if constant:
-            raise InputError(f"IDP columns are constant in the training rows: {constant}; a normative model "
-                             f"needs variation; drop them (pass idps=[...] without them)")
+        idps = select_idps(table, idps, covariates)
+        kept, values, n_dropped, n_partial = training_rows(table, idps, covariates, self.missing_idps,
+                                                           MIN_TRAIN_ROWS)
         schema = CovariateSchema.from_table(kept, covariates)
         cont, cat = schema.encode(kept)
         scaler = IDPScaler(self.preprocessing).fit(values)
@@ -379,7 +347,7 @@ class NormativeDiffusion:
         if self.draw_table == "auto":  # first, so that the calibration below already scores from it
             self.draw_table_ = self._build_draw_table()
         if stage is not None and self.calibration == "conformal":
-            self.calibration_ = self._fit_calibration(space, x, cont, cat)
+            self.calibration_ = fit_calibration(self, space, x, cont, cat)
         summary.update(n_rows=len(table), n_dropped=n_dropped, seconds=round(time.perf_counter() - start, 2))
         self.training_summary_ = summary
         return self
@@ -401,61 +369,6 @@ class NormativeDiffusion:
     def _model_space(self) -> ModelSpace:
         return ModelSpace(self.covariate_schema_, self.scaler_, self.stage_,
                           self.site_covariate if self.stage_ is not None else None)
-
-    def _fit_calibration(self, space: ModelSpace, x, cont, cat) -> CentileCalibration:
-        """The calibration layer.
-
-        Per-IDP maps and the joint map: every reference control's out-of-fold residual (cross-fitting
-        the location-scale stage, which carries what a small sample gets wrong). The joint map is then
-        checked on controls no part of the model has seen (the network's validation rows, with a stage
-        fitted without them) and corrected where they disagree beyond chance. The joint statistic sums
-        D squared deviations, so it is far more sensitive than one centile to the network having seen a
-        row (synthetic N=500, D=100: median joint centile 0.1 for training rows, 0.5 out of fold, 0.7
-        for unseen controls), while a map from a few dozen unseen rows alone is noisy (N=200, D=20: 20
-        unseen rows gave a held-out joint KS of 0.19, the out-of-fold rows 0.08).
-        """
-        inputs = space.stage_inputs(cont, cat)
-        missing = np.zeros(len(x), dtype=bool)
-        residuals = crossfit_residuals(self.stage_, *inputs, x, seed=int(self.seed))
-        crossfit = self._score_model_space(residuals, cont, cat, missing, with_joint=True)
-        unseen, _ = validation_split(len(x), self.validation_fraction, int(self.seed))
-        checked = None
-        if len(unseen):
-            held = heldout_residuals(self.stage_, *inputs, x, unseen)
-            scored = self._score_model_space(held, cont[unseen], cat[unseen], missing[unseen],
-                                             with_joint=True)
-            checked = scored["joint_centile"][scored["joint_n_idps"] == x.shape[1]]
-        # the joint map is over every IDP: rows missing some are scored on a subset, so they are left out
-        joint = crossfit["joint_centile"][crossfit["joint_n_idps"] == x.shape[1]]
-        return CentileCalibration.fit(crossfit["centiles"], inputs[2], joint, joint_unseen=checked)
-
-    def _select_idps(self, table, idps, covariates) -> list[str]:
-        problems = ProblemCollector()
-        missing_cov = [c for c in covariates if c not in table.columns]
-        if missing_cov:
-            problems.add(f"covariate columns missing from the table: {missing_cov}")
-        if idps is None:
-            idps = [c for c in table.columns
-                    if c not in covariates and str(c) not in NON_IDP_COLUMNS
-                    and pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])]
-            if not idps:
-                problems.add(f"no numeric IDP columns besides the covariates {covariates}; the table has "
-                             f"{list(table.columns)}")
-        else:
-            idps = [idps] if isinstance(idps, str) else list(idps)
-            missing = [c for c in idps if c not in table.columns]
-            if missing:
-                problems.add(f"IDP columns missing from the table: {missing}")
-            both = [c for c in idps if c in covariates]
-            if both:
-                problems.add(f"columns are both IDPs and covariates: {both}")
-            if len(set(idps)) != len(idps):
-                problems.add("IDP columns are listed more than once: "
-                             f"{sorted({c for c in idps if idps.count(c) > 1})}")
-            if not idps:
-                problems.add("idps is empty; pass None to use every numeric column")
-        problems.raise_if_any(header="the table cannot be used to fit a model")
-        return idps
 
     def _build(self, schema: CovariateSchema, n_rows: int, device: torch.device) -> None:
         from normdiff_bids.model.diffusion import GaussianDiffusion
@@ -938,5 +851,4 @@ def _same(a, b) -> bool:
         return bool(a == b) if not isinstance(a, np.ndarray) else False
     except (TypeError, ValueError):
         return False
-
 
