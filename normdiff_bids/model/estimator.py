@@ -1,59 +1,43 @@
 """The normative model: :class:`NormativeDiffusion` fits a conditional diffusion model of IDPs given
 covariates and scores people against it (per-IDP centiles and z-scores, a joint deviation score).
 
-This module holds the estimator contract (parameters and their checks, ``fit``, the public prediction
-API, the calibration layer's fitting, the model card, save and load). The training loop is
-:mod:`~normdiff_bids.model.training`, the sampling plan and draws :mod:`~normdiff_bids.model.sampling`,
+This module holds the estimator contract: parameters and their checks, the settings they resolve to,
+and ``fit``. The prediction API is :mod:`~normdiff_bids.model.prediction`, the model card, save and
+:func:`load_model` :mod:`~normdiff_bids.model.persistence` (both mixed into the class), the training
+loop :mod:`~normdiff_bids.model.training`, the calibration layer's fit
+:mod:`~normdiff_bids.model.calibration`, the sampling plan and draws :mod:`~normdiff_bids.model.sampling`,
 the two-stage pieces :mod:`~normdiff_bids.model.location_scale` and
 :mod:`~normdiff_bids.model.model_space`, new sites :mod:`~normdiff_bids.model.adaptation`, the presets
-:mod:`~normdiff_bids.model.presets` and the networks :mod:`~normdiff_bids.model.backbones`. It is over
-400 lines because the class docstring documents every parameter (the estimator's user documentation)
-and ``load_model`` rebuilds every part of a bundle.
+:mod:`~normdiff_bids.model.presets` and the networks :mod:`~normdiff_bids.model.backbones`. It is a little
+over 400 lines because the class docstring documents every parameter (the estimator's user
+documentation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import os
 import time
-import warnings
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 import torch
 
-from normdiff_bids._version import __version__
-from normdiff_bids.bidsio import json_ready
-from normdiff_bids.conventions import NON_IDP_COLUMNS
-from normdiff_bids.errors import InputError, ProblemCollector
 from normdiff_bids.model import params as P
 from normdiff_bids.model.backbones import backbone_names, get_spec
-from normdiff_bids.model.bundle import BundleError, check_params, load_bundle, save_bundle
+from normdiff_bids.model.calibration import fit_calibration
 from normdiff_bids.model.covariates import CovariateEncoder, CovariateEncoderConfig, CovariateSchema
 from normdiff_bids.model.draw_table import MAX_TABLE_BYTES, DrawTable, grid_points
 from normdiff_bids.model.location_scale import LocationScaleStage
-from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals, heldout_residuals
+from normdiff_bids.model.model_space import ModelSpace
+from normdiff_bids.model.persistence import _PersistenceMixin, load_model
+from normdiff_bids.model.prediction import _PredictionMixin
 from normdiff_bids.model.preprocess import METHODS as PREPROCESSING_METHODS
 from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.model.presets import PRESETS
-from normdiff_bids.model.sampling import (
-    GRID_STEP_FRACTION,
-    Drawer,
-    Grid,
-    plan_points,
-    scored_points,
-    small_blas,
-)
-from normdiff_bids.model.tables import idp_matrix, present
-from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser, validation_split
-from normdiff_bids.scoring.centiles import centiles_to_z, empirical_centiles, sample_quantiles
-from normdiff_bids.scoring.conditional import MIN_SPARE_DRAWS, conditional_centiles, joint_subset_scores
-from normdiff_bids.scoring.conformal import CentileCalibration
-from normdiff_bids.scoring.joint import joint_scores
+from normdiff_bids.model.tables import select_idps, training_rows
+from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser
 
 __all__ = ["NormativeDiffusion", "load_model"]
 
@@ -89,7 +73,7 @@ PARAMETER_CONSTRAINTS = {
 }
 
 
-class NormativeDiffusion:
+class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
     """Joint normative model of IDPs given covariates, learned by a conditional diffusion model.
 
     >>> m = NormativeDiffusion(covariates=("age", "sex", "site"), seed=0).fit(train)
@@ -303,42 +287,9 @@ class NormativeDiffusion:
         start = time.perf_counter()
         self._weights_digest = None  # new weights: earlier draws are not theirs
         covariates = list(self.covariates)
-        idps = self._select_idps(table, idps, covariates)
-        values = idp_matrix(table, idps, "training")
-        values = np.where(np.isfinite(values), values, np.nan)  # inf is as unusable as a missing value
-        has_covariates = np.ones(len(table), dtype=bool)
-        for name in covariates:
-            has_covariates &= present(table[name]).to_numpy()
-        observed = np.isfinite(values)
-        if self.missing_idps == "use":  # a row missing some IDPs still informs the others
-            usable = has_covariates & observed.any(axis=1)
-        else:
-            usable = has_covariates & observed.all(axis=1)
-        n_dropped = int((~usable).sum())
-        what = "every IDP and covariate" if self.missing_idps == "drop" else "its covariates and an IDP"
-        if usable.sum() < MIN_TRAIN_ROWS:
-            raise InputError(f"only {int(usable.sum())} of {len(table)} rows have {what} ({n_dropped} have "
-                             f"missing or non-finite values); at least {MIN_TRAIN_ROWS} are needed to fit "
-                             f"a model")
-        if n_dropped:
-            warnings.warn(f"{n_dropped} of {len(table)} training rows have missing or non-finite "
-                          f"{'IDPs or ' if self.missing_idps == 'drop' else ''}covariates"
-                          f"{'' if self.missing_idps == 'drop' else ' (or no IDP at all)'} and were "
-                          f"dropped", stacklevel=2)
-        kept = table.loc[usable]
-        values, observed = values[usable], observed[usable]
-        n_partial = int((~observed.all(axis=1)).sum())
-        if n_partial:
-            warnings.warn(f"{n_partial} of {len(kept)} training rows miss some IDPs; they train the model "
-                          f"on the IDPs they have (missing_idps='use')", stacklevel=2)
-        scarce = [name for name, n in zip(idps, observed.sum(axis=0)) if n < MIN_TRAIN_ROWS]
-        if scarce:
-            raise InputError(f"IDP columns with fewer than {MIN_TRAIN_ROWS} values in the training rows: "
-                             f"{scarce[:10]}; drop them (pass idps=[...] without them)")
-        constant = [name for name, col in zip(idps, values.T) if np.nanmax(col) == np.nanmin(col)]
-        if constant:
-            raise InputError(f"IDP columns are constant in the training rows: {constant}; a normative model "
-                             f"needs variation; drop them (pass idps=[...] without them)")
+        idps = select_idps(table, idps, covariates)
+        kept, values, n_dropped, n_partial = training_rows(table, idps, covariates, self.missing_idps,
+                                                           MIN_TRAIN_ROWS)
         schema = CovariateSchema.from_table(kept, covariates)
         cont, cat = schema.encode(kept)
         scaler = IDPScaler(self.preprocessing).fit(values)
@@ -379,7 +330,7 @@ class NormativeDiffusion:
         if self.draw_table == "auto":  # first, so that the calibration below already scores from it
             self.draw_table_ = self._build_draw_table()
         if stage is not None and self.calibration == "conformal":
-            self.calibration_ = self._fit_calibration(space, x, cont, cat)
+            self.calibration_ = fit_calibration(self, space, x, cont, cat)
         summary.update(n_rows=len(table), n_dropped=n_dropped, seconds=round(time.perf_counter() - start, 2))
         self.training_summary_ = summary
         return self
@@ -401,61 +352,6 @@ class NormativeDiffusion:
     def _model_space(self) -> ModelSpace:
         return ModelSpace(self.covariate_schema_, self.scaler_, self.stage_,
                           self.site_covariate if self.stage_ is not None else None)
-
-    def _fit_calibration(self, space: ModelSpace, x, cont, cat) -> CentileCalibration:
-        """The calibration layer.
-
-        Per-IDP maps and the joint map: every reference control's out-of-fold residual (cross-fitting
-        the location-scale stage, which carries what a small sample gets wrong). The joint map is then
-        checked on controls no part of the model has seen (the network's validation rows, with a stage
-        fitted without them) and corrected where they disagree beyond chance. The joint statistic sums
-        D squared deviations, so it is far more sensitive than one centile to the network having seen a
-        row (synthetic N=500, D=100: median joint centile 0.1 for training rows, 0.5 out of fold, 0.7
-        for unseen controls), while a map from a few dozen unseen rows alone is noisy (N=200, D=20: 20
-        unseen rows gave a held-out joint KS of 0.19, the out-of-fold rows 0.08).
-        """
-        inputs = space.stage_inputs(cont, cat)
-        missing = np.zeros(len(x), dtype=bool)
-        residuals = crossfit_residuals(self.stage_, *inputs, x, seed=int(self.seed))
-        crossfit = self._score_model_space(residuals, cont, cat, missing, with_joint=True)
-        unseen, _ = validation_split(len(x), self.validation_fraction, int(self.seed))
-        checked = None
-        if len(unseen):
-            held = heldout_residuals(self.stage_, *inputs, x, unseen)
-            scored = self._score_model_space(held, cont[unseen], cat[unseen], missing[unseen],
-                                             with_joint=True)
-            checked = scored["joint_centile"][scored["joint_n_idps"] == x.shape[1]]
-        # the joint map is over every IDP: rows missing some are scored on a subset, so they are left out
-        joint = crossfit["joint_centile"][crossfit["joint_n_idps"] == x.shape[1]]
-        return CentileCalibration.fit(crossfit["centiles"], inputs[2], joint, joint_unseen=checked)
-
-    def _select_idps(self, table, idps, covariates) -> list[str]:
-        problems = ProblemCollector()
-        missing_cov = [c for c in covariates if c not in table.columns]
-        if missing_cov:
-            problems.add(f"covariate columns missing from the table: {missing_cov}")
-        if idps is None:
-            idps = [c for c in table.columns
-                    if c not in covariates and str(c) not in NON_IDP_COLUMNS
-                    and pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])]
-            if not idps:
-                problems.add(f"no numeric IDP columns besides the covariates {covariates}; the table has "
-                             f"{list(table.columns)}")
-        else:
-            idps = [idps] if isinstance(idps, str) else list(idps)
-            missing = [c for c in idps if c not in table.columns]
-            if missing:
-                problems.add(f"IDP columns missing from the table: {missing}")
-            both = [c for c in idps if c in covariates]
-            if both:
-                problems.add(f"columns are both IDPs and covariates: {both}")
-            if len(set(idps)) != len(idps):
-                problems.add("IDP columns are listed more than once: "
-                             f"{sorted({c for c in idps if idps.count(c) > 1})}")
-            if not idps:
-                problems.add("idps is empty; pass None to use every numeric column")
-        problems.raise_if_any(header="the table cannot be used to fit a model")
-        return idps
 
     def _build(self, schema: CovariateSchema, n_rows: int, device: torch.device) -> None:
         from normdiff_bids.model.diffusion import GaussianDiffusion
@@ -485,48 +381,11 @@ class NormativeDiffusion:
             early_stopping=preset["early_stopping"], plateau_on=preset["plateau_on"],
             plateau_patience=preset["plateau_patience"], verbose=self.verbose)
 
-    # ------------------------------------------------------------------ sampling machinery
+    # ------------------------------------------------------------------ fitted state and the draw table
     def _check_fitted(self) -> None:
         if not hasattr(self, "network_"):
             raise RuntimeError("this NormativeDiffusion is not fitted yet; call fit(table) or "
                                "load_model(path)")
-
-    def _encode(self, table: pd.DataFrame):
-        """Encoded covariates, rows that cannot be scored, rows outside the training range."""
-        if not isinstance(table, pd.DataFrame):
-            raise TypeError(f"expected a pandas DataFrame of covariates, got {type(table).__name__}")
-        schema = self.covariate_schema_
-        cont, cat = schema.encode(table, unknown=self.unknown_site)
-        missing = schema.missing_rows(cont, cat)
-        finite = np.where(np.isfinite(cont), cont, 0)
-        extrapolated = (schema.out_of_range(finite) | schema.out_of_level_range(finite, cat)) & ~missing
-        if missing.any():
-            rows = list(table.index[missing][:5])
-            warnings.warn(f"{int(missing.sum())} rows have a missing covariate and get no scores "
-                          f"(NaN), e.g. rows {rows}", stacklevel=3)
-        return cont, cat, missing, extrapolated
-
-    def _use_grid(self) -> bool:
-        return self.covariate_grid == "auto" and self.covariate_schema_.n_continuous == 1
-
-    def _grid_step(self) -> float:
-        if self.grid_step is not None:
-            return float(self.grid_step)
-        return float(self.covariate_schema_.continuous[0].sd * GRID_STEP_FRACTION)
-
-    def _grid(self) -> Grid | None:
-        """The scoring grid (``covariate_grid="auto"`` with one continuous covariate), else ``None``."""
-        if not self._use_grid():
-            return None
-        cov = self.covariate_schema_.continuous[0]
-        return Grid(mean=cov.mean, sd=cov.sd, step=self._grid_step())
-
-    def _drawer(self, use_table: bool = True) -> Drawer:
-        table = getattr(self, "draw_table_", None) if use_table and self.draw_table == "auto" else None
-        return Drawer(self.encoder_, self.network_, self._diffusion, seed=int(self.seed),
-                      sampler=self._sampler(), steps=self._steps(), n_features=self.n_features_in_,
-                      weights_token=self._weights_token(), verbose=self.verbose,
-                      standardise=self.stage_ is not None, table=table)
 
     def _build_draw_table(self) -> DrawTable | None:
         """The draws of every scoring-grid point of the training range (``None`` off the grid or when
@@ -542,393 +401,6 @@ class NormativeDiffusion:
             return None
         return DrawTable.build(self._drawer(use_table=False), cont, cat, int(self.n_samples))
 
-    def _scored_points(self, cont, cat, missing, with_joint: bool):
-        """As :func:`~normdiff_bids.model.sampling.scored_points`, on the covariates the network sees."""
-        return scored_points(self._drawer(), self._grid(), cont, self._model_space().network_cat(cat),
-                             missing, int(self.n_samples), with_joint)
-
-    def _calibrated(self) -> CentileCalibration | None:
-        return self.calibration_ if self.calibration == "conformal" else None
-
-    def curve_ages(self, low: float, high: float, n_points: int = 15) -> np.ndarray:
-        """About ``n_points`` ages from ``low`` to ``high`` for centile curves over age.
-
-        On the scoring grid they are snapped onto grid points, so every curve at the same other
-        covariates reuses the same draws (and each point costs one draw, not an interpolated two).
-        """
-        ages = np.linspace(float(low), float(high), int(n_points))
-        if not self._use_grid():
-            return ages
-        step = self._grid_step()
-        return np.unique(np.round(ages / step)) * step
-
-    def _weights_token(self) -> str:
-        """A digest of the fitted weights: the identity of the draws in the process-wide draw cache."""
-        token = getattr(self, "_weights_digest", None)
-        if token is None:
-            h = hashlib.blake2b(digest_size=16)
-            for module in (self.encoder_, self.network_):
-                for name, tensor in module.state_dict().items():
-                    h.update(name.encode())
-                    h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            token = self._weights_digest = h.hexdigest()
-        return token
-
-    def _values(self, table) -> np.ndarray:
-        missing = [c for c in self.idps_ if c not in table.columns]
-        if missing:
-            shown = missing if len(missing) <= 20 else missing[:20] + [f"... ({len(missing) - 20} more)"]
-            raise InputError(f"the table lacks {len(missing)} of the model's {self.n_features_in_} IDP "
-                             f"columns: {shown}; score a table with the IDPs the model was trained on")
-        return idp_matrix(table, self.idps_, "scoring")
-
-    # ------------------------------------------------------------------ public prediction API
-    def sample(self, covariates: pd.DataFrame, n_samples: int | None = None) -> np.ndarray:
-        """Draws from the model at each row's exact covariates: ``[rows, n_samples, D]``, original units.
-
-        Rows with identical covariates get identical draws (one stream per covariate point); rows with
-        a missing covariate get NaN.
-        """
-        self._check_fitted()
-        n_samples = int(n_samples or self.n_samples)
-        cont, cat, missing, _ = self._encode(covariates)
-        rows = np.flatnonzero(~missing)
-        out = np.full((len(covariates), n_samples, self.n_features_in_), np.nan)
-        if len(rows):
-            space = self._model_space()
-            # the network's covariates only: rows of different sites share the draws of their point
-            points_cont, points_cat, lo, _, _ = plan_points(cont, space.network_cat(cat), rows, grid=None)
-            for first, samples in self._drawer().draw(points_cont, points_cat, n_samples, desc="sampling"):
-                sel = (lo >= first) & (lo < first + len(samples))
-                target = rows[sel]
-                out[target] = space.from_model(samples[lo[sel] - first], cont[target], cat[target])
-        return out
-
-    def predict_quantiles(self, covariates: pd.DataFrame, q: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)
-                          ) -> pd.DataFrame:
-        """Model quantiles ``q`` of every IDP at each row's covariates, in original units.
-
-        Columns: a ``MultiIndex`` (idp, q). The same draws (and grid) as scoring.
-        """
-        self._check_fitted()
-        q = np.atleast_1d(np.asarray(q, dtype=np.float64))
-        out = np.full((len(covariates), len(q), self.n_features_in_), np.nan)
-        cont, cat, missing, _ = self._encode(covariates)
-        space, layer = self._model_space(), self._calibrated()
-        sites = space.site_codes(cat)
-        with small_blas():
-            for rows, srt, _ in self._scored_points(cont, cat, missing, with_joint=False):
-                for code in np.unique(sites[rows]):
-                    sub = sites[rows] == code
-                    q_model = q if layer is None else layer.inverse(q[None, :], np.array([code]))[0]
-                    target = rows[sub]
-                    model_q = sample_quantiles(srt[sub], q_model)          # [r, Q, D]
-                    out[target] = space.from_model(model_q, cont[target], cat[target])
-        columns = pd.MultiIndex.from_product([self.idps_, q.tolist()], names=["idp", "q"])
-        return pd.DataFrame(out.transpose(0, 2, 1).reshape(len(covariates), -1), index=covariates.index,
-                            columns=columns)
-
-    def _score_arrays(self, table: pd.DataFrame, with_joint: bool = True, given=None) -> dict:
-        self._check_fitted()
-        given_idx = self._given_indices(given)
-        values = self._values(table)
-        cont, cat, missing, extrapolated = self._encode(table)
-        space = self._model_space()
-        z_values = space.to_model(values, cont, cat)
-        layer = self._calibrated()
-        sites = space.site_codes(cat)
-        conditional = None
-        if given_idx is not None:
-            targets = tuple(j for j in range(self.n_features_in_) if j not in given_idx)
-
-            def calibrate(centiles, rows):
-                return centiles if layer is None else layer.transform(centiles, sites[rows])
-
-            conditional = (given_idx, targets, calibrate)
-        out = self._score_model_space(z_values, cont, cat, missing, with_joint, conditional)
-        if layer is not None:
-            out["centiles"] = layer.transform(out["centiles"], sites)
-            # the joint map was learnt over every IDP: rows scored on a subset keep their raw centile
-            complete = out["joint_n_idps"] == self.n_features_in_
-            out["joint_centile"] = np.where(complete, layer.transform_joint(out["joint_centile"]),
-                                            out["joint_centile"])
-        if given_idx is not None:
-            lacking = ~np.isfinite(values[:, list(given_idx)]).all(axis=1) & ~missing
-            if lacking.any():
-                rows = list(table.index[lacking][:5])
-                warnings.warn(f"{int(lacking.sum())} rows lack a value of a given IDP and get no "
-                              f"conditional scores (cond_given_missing), e.g. rows {rows}", stacklevel=3)
-            out.update(given=given_idx, targets=conditional[1], cond_given_missing=lacking)
-        out.update(values=values, extrapolated=extrapolated, missing_covariates=missing,
-                   unknown_site=self.covariate_schema_.marginal_rows(cat) & ~missing)
-        return out
-
-    def _given_indices(self, given) -> tuple[int, ...] | None:
-        """The model's indices of the ``given`` IDPs (``None``: no conditioning), checked."""
-        if given is None:
-            return None
-        names = [given] if isinstance(given, str) else list(given)
-        if not names:
-            return None
-        unknown = [g for g in names if g not in self.idps_]
-        if unknown:
-            raise InputError(f"given IDPs {unknown} are not IDPs of this model; condition on some of its "
-                             f"{self.n_features_in_} IDPs, e.g. {self.idps_[:3]}")
-        idx = tuple(sorted({self.idps_.index(g) for g in names}))
-        if len(idx) == self.n_features_in_:
-            raise InputError(f"every one of the model's {self.n_features_in_} IDPs is given, so none is "
-                             f"left to score conditionally; leave at least one IDP out of given")
-        if len(idx) + 1 + MIN_SPARE_DRAWS > int(self.n_samples):
-            need = len(idx) + 1 + MIN_SPARE_DRAWS
-            raise InputError(f"conditioning on {len(idx)} IDPs needs more than {need} draws per point, the "
-                             f"model has n_samples={self.n_samples}; raise n_samples or give fewer IDPs")
-        return idx
-
-    def _score_model_space(self, z_values, cont, cat, missing, with_joint: bool, conditional=None) -> dict:
-        """Uncalibrated centiles, tail flags and joint scores of model-space values ``[R, D]``.
-
-        A row with missing IDPs gets its joint deviation over the IDPs it has (``joint_n_idps``).
-        ``conditional=(given, targets, calibrate)``: also the conditional centiles ``[R, T]`` of the
-        target IDPs given the given ones, from the rows' calibrated normal scores
-        (``calibrate(raw centiles, rows)``); see :mod:`~normdiff_bids.scoring.conditional`.
-        """
-        n, d = z_values.shape
-        centiles = np.full((n, d), np.nan)
-        tail = np.zeros((n, d), dtype=np.int8)
-        joint = np.full((n, 3), np.nan)
-        cond = None if conditional is None else np.full((n, len(conditional[1])), np.nan)
-        with small_blas():
-            for rows, srt, draws in self._scored_points(cont, cat, missing, with_joint or cond is not None):
-                c, t = empirical_centiles(z_values[rows], srt)
-                centiles[rows], tail[rows] = c, t
-                if with_joint:
-                    for row, z_row, point in zip(rows, centiles_to_z(c), draws):
-                        if np.isfinite(z_row).all():
-                            chol, ref = point.joint()
-                            stat, centile = joint_scores(z_row[None], chol[None], ref[None])
-                            joint[row] = stat[0], centile[0], d
-                        else:
-                            joint[row] = joint_subset_scores(z_row, point)
-                if cond is not None:
-                    given, targets, calibrate = conditional
-                    u = centiles_to_z(calibrate(c, rows))
-                    owner = np.array([id(p) for p in draws])
-                    for key in np.unique(owner):
-                        sel = owner == key
-                        point = draws[int(np.flatnonzero(sel)[0])]
-                        cond[rows[sel]] = conditional_centiles(u[sel], point, given, targets)
-        return {"centiles": centiles, "tail": tail, "joint_stat": joint[:, 0], "joint_centile": joint[:, 1],
-                "joint_n_idps": joint[:, 2], "cond_centiles": cond}
-
-    def predict_centiles(self, table: pd.DataFrame, given: Sequence[str] | None = None) -> pd.DataFrame:
-        """Centile of each IDP value at the row's covariates: ``[rows, D]`` strictly inside (0, 1).
-
-        NaN where the value or a covariate is missing (a missing IDP leaves the others unchanged).
-        ``given``: IDP names; then the centile of every other IDP conditional on the row's own values of
-        the given ones (and the covariates), one column per IDP not given: "is this hippocampus small
-        for this head size?" (:mod:`~normdiff_bids.scoring.conditional`). Rows lacking a given value
-        get NaN.
-        """
-        arrays = self._score_arrays(table, with_joint=False, given=given)
-        if arrays.get("given") is None:
-            return pd.DataFrame(arrays["centiles"], index=table.index, columns=self.idps_)
-        return pd.DataFrame(arrays["cond_centiles"], index=table.index,
-                            columns=[self.idps_[j] for j in arrays["targets"]])
-
-    def predict_zscores(self, table: pd.DataFrame, given: Sequence[str] | None = None) -> pd.DataFrame:
-        """``Phi^-1`` of :meth:`predict_centiles` (conditional on ``given`` when it is given)."""
-        centiles = self.predict_centiles(table, given=given)
-        return pd.DataFrame(centiles_to_z(centiles.to_numpy()), index=table.index, columns=centiles.columns)
-
-    def score(self, table: pd.DataFrame, given: Sequence[str] | None = None) -> pd.DataFrame:
-        """Tidy scores: one row per (subject[/session], IDP).
-
-        Columns: ``participant_id`` (or ``row``, the table's index, when there is no id column),
-        ``session_id`` (when present), ``idp``, ``value``, ``centile``, ``z``, ``tail`` (-1/0/+1: value
-        beyond the sampled range, scored by the tail rule), ``extrapolated`` (covariates outside the
-        training range, overall or of the row's own site), ``unknown_site`` (scored under the model's
-        marginal over sites: a site it never saw, or none, with ``unknown_site="marginal"``),
-        ``joint_stat``, ``joint_centile``, ``joint_z`` and ``joint_n_idps`` (how many IDPs the joint
-        deviation used: fewer than the model's when some are missing; it is then computed
-        over those present, against the model's draws of the same IDPs). A missing value or covariate
-        gives NaN centile and z. With ``given``: also ``cond_centile`` and ``cond_z`` (NaN on the given
-        IDPs' rows) and ``cond_given_missing`` (the row lacks a given value, so it has no conditional
-        scores).
-        """
-        a = self._score_arrays(table, with_joint=True, given=given)
-        n, d = a["values"].shape
-        columns = {}
-        if "participant_id" in table.columns:
-            columns["participant_id"] = np.repeat(table["participant_id"].to_numpy(dtype=object), d)
-        else:
-            columns["row"] = np.repeat(table.index.to_numpy(), d)
-        if "session_id" in table.columns:
-            columns["session_id"] = np.repeat(table["session_id"].to_numpy(dtype=object), d)
-        n_idps = a["joint_n_idps"]
-        columns.update({
-            "idp": np.tile(np.asarray(self.idps_, dtype=object), n),
-            "value": a["values"].reshape(-1),
-            "centile": a["centiles"].reshape(-1),
-            "z": centiles_to_z(a["centiles"]).reshape(-1),
-            "tail": a["tail"].reshape(-1),
-            "extrapolated": np.repeat(a["extrapolated"], d),
-            "unknown_site": np.repeat(a["unknown_site"], d),
-            "joint_stat": np.repeat(a["joint_stat"], d),
-            "joint_centile": np.repeat(a["joint_centile"], d),
-            "joint_z": np.repeat(centiles_to_z(a["joint_centile"]), d),
-            "joint_n_idps": pd.array(np.repeat(np.where(np.isfinite(n_idps), n_idps, -1), d),
-                                     dtype="Int16"),
-        })
-        columns["joint_n_idps"][columns["joint_n_idps"] < 0] = pd.NA
-        if a.get("given") is not None:
-            cond = np.full((n, d), np.nan)
-            cond[:, list(a["targets"])] = a["cond_centiles"]
-            columns.update(cond_centile=cond.reshape(-1), cond_z=centiles_to_z(cond).reshape(-1),
-                           cond_given_missing=np.repeat(a["cond_given_missing"], d))
-        return pd.DataFrame(columns)
-
-    # ------------------------------------------------------------------ description and persistence
-    def model_card(self) -> dict:
-        """A JSON-safe description of the fitted model (what the reports and the bundle show)."""
-        self._check_fitted()
-        schema = self.covariate_schema_
-        return {
-            "estimator": "NormativeDiffusion",
-            "package_version": __version__,
-            "created": getattr(self, "created_", None),
-            "backbone": self.backbone,
-            "backbone_config": dataclasses.asdict(self.backbone_config_),
-            "diffusion_config": self.diffusion_config_.to_dict(),
-            "sampler": self._sampler(), "steps": self._steps(), "n_samples": int(self.n_samples),
-            "scoring_grid": ({"covariate": schema.continuous[0].name, "step": self._grid_step()}
-                             if self._use_grid() else None),
-            "preprocessing": self.preprocessing,
-            "idps": list(self.idps_),
-            "covariates": [
-                *({"name": c.name, "kind": "continuous", "mean": c.mean, "sd": c.sd, "range": [c.min, c.max]}
-                  for c in schema.continuous),
-                *({"name": c.name, "kind": "categorical", "levels": list(c.levels),
-                   "unknown_level_trained": c.marginal} for c in schema.categorical)],
-            "unknown_site": self.unknown_site,
-            "location_scale": (None if self.stage_ is None else {
-                "site_covariate": self.site_covariate if self._model_space().site_index is not None else None,
-                "site_effects": "partially pooled (empirical-Bayes random effects in location and spread)",
-                "network_covariates": self._model_space().network_schema().names}),
-            "calibration": (None if self.calibration_ is None else {
-                "method": "split-conformal maps from cross-fitted reference controls",
-                "applied": self.calibration == "conformal", **self.calibration_.summary()}),
-            "adaptations": list(self.adaptations_),
-            "draw_table": self._draw_table_card(),
-            "n_train": int(self.n_train_),
-            "training_summary": json_ready(self.training_summary_),
-            "seed": int(self.seed),
-        }
-
-    def _draw_table_card(self) -> dict | None:
-        table = getattr(self, "draw_table_", None)
-        if table is None:
-            return None
-        return {"points": len(table), "draws_per_point": int(table.samples.shape[1]),
-                "megabytes": round(table.nbytes / 2**20, 1), "used": self.draw_table == "auto"}
-
-    def save(self, path: str | os.PathLike, overwrite: bool = False):
-        """Write the model as a bundle folder (``model.safetensors`` + ``model.json``); returns the path."""
-        self._check_fitted()
-        if not hasattr(self, "created_"):
-            self.created_ = datetime.now(UTC).isoformat(timespec="seconds")
-        tensors = {f"encoder.{k}": v for k, v in self.encoder_.state_dict().items()}
-        tensors.update({f"network.{k}": v for k, v in self.network_.state_dict().items()})
-        table = getattr(self, "draw_table_", None)
-        if table is not None:
-            tensors.update(table.to_tensors())
-        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
-        meta = {
-            "estimator": "NormativeDiffusion",
-            "params": params,
-            "idps": list(self.idps_),
-            "covariate_schema": self.covariate_schema_.to_dict(),
-            "preprocessing": self.scaler_.to_dict(),
-            "backbone_config": dataclasses.asdict(self.backbone_config_),
-            "diffusion_config": self.diffusion_config_.to_dict(),
-            "encoder_config": dataclasses.asdict(self.encoder_config_),
-            "training_summary": json_ready(self.training_summary_),
-            "n_dropped": int(self.n_dropped_),
-            "history": {c: self.history_[c].tolist() for c in self.history_.columns},
-            "created": self.created_,
-            "location_scale": None if self.stage_ is None else self.stage_.to_dict(),
-            "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
-            "adaptations": list(self.adaptations_),
-            "draw_table": None if table is None else table.settings,
-            "model_card": self.model_card(),
-        }
-        return save_bundle(path, tensors, meta, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> NormativeDiffusion:
-        """Read a bundle written by :meth:`save` (see :func:`load_model`)."""
-        return load_model(path)
-
-
-def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeDiffusion:
-    """Load a model bundle; refuses tampered, foreign or truncated bundles with a :class:`BundleError`."""
-    from normdiff_bids.model.diffusion import GaussianDiffusion
-    from normdiff_bids.model.schedule import DiffusionConfig
-
-    tensors, meta = load_bundle(path)
-    fix = "re-create the model with this version of normdiff-bids"
-    if meta.get("estimator") != "NormativeDiffusion":
-        raise BundleError(f"{path}/model.json describes a {meta.get('estimator')!r}, not a "
-                          f"NormativeDiffusion model; pass a folder written by NormativeDiffusion.save")
-    try:
-        params = dict(meta["params"])
-        params["covariates"] = tuple(params["covariates"])
-        if device is not None:
-            params["device"] = device
-        check_params(NormativeDiffusion, params, path)  # the estimator's own checks, on edited values too
-        model = NormativeDiffusion(**params)
-        model.idps_ = list(meta["idps"])
-        model.n_features_in_ = len(model.idps_)
-        model.covariate_schema_ = CovariateSchema.from_dict(meta["covariate_schema"])
-        model.scaler_ = IDPScaler.from_dict(meta["preprocessing"])
-        spec = get_spec(model.backbone)
-        model.backbone_config_ = spec.config.from_dict(meta["backbone_config"])
-        model.diffusion_config_ = DiffusionConfig.from_dict(meta["diffusion_config"])
-        model.encoder_config_ = CovariateEncoderConfig(**meta["encoder_config"])
-        model.training_summary_ = dict(meta["training_summary"])
-        model.n_train_ = int(model.training_summary_["n_train"])
-        model.n_dropped_ = int(meta.get("n_dropped", 0))
-        model.history_ = pd.DataFrame(meta["history"]).astype({"val_loss": float})
-        model.created_ = meta.get("created")
-        stage, layer = meta.get("location_scale"), meta.get("calibration")
-        model.stage_ = None if stage is None else LocationScaleStage.from_dict(stage)
-        model.calibration_ = None if layer is None else CentileCalibration.from_dict(layer)
-        model.adaptations_ = list(meta.get("adaptations", []))
-        encoder = CovariateEncoder(model._model_space().network_schema(), model.encoder_config_)
-        network = spec.module(model.n_features_in_, encoder.cond_dim, model.backbone_config_)
-        encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
-        network.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("network.")})
-    except BundleError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise BundleError(f"{path}/model.json and model.safetensors do not describe a model this version "
-                          f"can rebuild ({type(err).__name__}: {err}); {fix}") from None
-    dev = model._torch_device()
-    model.encoder_ = encoder.to(dev).eval()
-    model.network_ = network.to(dev).eval()
-    model._diffusion = GaussianDiffusion(model.diffusion_config_)
-    model.draw_table_ = None
-    if meta.get("draw_table") is not None:
-        try:
-            model.draw_table_ = DrawTable.from_tensors(meta["draw_table"], tensors)
-        except (KeyError, TypeError, ValueError) as err:
-            raise BundleError(f"{path}/model.safetensors does not hold the draw table model.json describes "
-                              f"({type(err).__name__}: {err}); {fix}") from None
-        if not model.draw_table_.serves(model._drawer(use_table=False).table_settings(model.n_samples)):
-            # drawn with other weights or settings than the bundle's: never score from it
-            raise BundleError(f"{path}: the draw table was not made with this model's weights and "
-                              f"sampling settings; {fix}")
-    return model
-
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
@@ -938,5 +410,4 @@ def _same(a, b) -> bool:
         return bool(a == b) if not isinstance(a, np.ndarray) else False
     except (TypeError, ValueError):
         return False
-
 

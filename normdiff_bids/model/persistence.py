@@ -1,0 +1,175 @@
+"""The fitted :class:`~normdiff_bids.model.estimator.NormativeDiffusion` as a description and as a
+bundle: ``model_card``, ``save`` and :func:`load_model`, which rebuilds every part of a bundle (the
+bundle format itself is :mod:`~normdiff_bids.model.bundle`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from normdiff_bids._version import __version__
+from normdiff_bids.bidsio import json_ready
+from normdiff_bids.model.backbones import get_spec
+from normdiff_bids.model.bundle import BundleError, check_params, load_bundle, save_bundle
+from normdiff_bids.model.covariates import CovariateEncoder, CovariateEncoderConfig, CovariateSchema
+from normdiff_bids.model.draw_table import DrawTable
+from normdiff_bids.model.location_scale import LocationScaleStage
+from normdiff_bids.model.preprocess import IDPScaler
+from normdiff_bids.scoring.conformal import CentileCalibration
+
+if TYPE_CHECKING:
+    from normdiff_bids.model.estimator import NormativeDiffusion
+
+__all__ = ["load_model"]
+
+
+class _PersistenceMixin:
+    """The model card and ``save``/``load`` of :class:`~normdiff_bids.model.estimator.NormativeDiffusion`."""
+
+    # ------------------------------------------------------------------ description and persistence
+    def model_card(self) -> dict:
+        """A JSON-safe description of the fitted model (what the reports and the bundle show)."""
+        self._check_fitted()
+        schema = self.covariate_schema_
+        return {
+            "estimator": "NormativeDiffusion",
+            "package_version": __version__,
+            "created": getattr(self, "created_", None),
+            "backbone": self.backbone,
+            "backbone_config": dataclasses.asdict(self.backbone_config_),
+            "diffusion_config": self.diffusion_config_.to_dict(),
+            "sampler": self._sampler(), "steps": self._steps(), "n_samples": int(self.n_samples),
+            "scoring_grid": ({"covariate": schema.continuous[0].name, "step": self._grid_step()}
+                             if self._use_grid() else None),
+            "preprocessing": self.preprocessing,
+            "idps": list(self.idps_),
+            "covariates": [
+                *({"name": c.name, "kind": "continuous", "mean": c.mean, "sd": c.sd, "range": [c.min, c.max]}
+                  for c in schema.continuous),
+                *({"name": c.name, "kind": "categorical", "levels": list(c.levels),
+                   "unknown_level_trained": c.marginal} for c in schema.categorical)],
+            "unknown_site": self.unknown_site,
+            "location_scale": (None if self.stage_ is None else {
+                "site_covariate": self.site_covariate if self._model_space().site_index is not None else None,
+                "site_effects": "partially pooled (empirical-Bayes random effects in location and spread)",
+                "network_covariates": self._model_space().network_schema().names}),
+            "calibration": (None if self.calibration_ is None else {
+                "method": "split-conformal maps from cross-fitted reference controls",
+                "applied": self.calibration == "conformal", **self.calibration_.summary()}),
+            "adaptations": list(self.adaptations_),
+            "draw_table": self._draw_table_card(),
+            "n_train": int(self.n_train_),
+            "training_summary": json_ready(self.training_summary_),
+            "seed": int(self.seed),
+        }
+
+    def _draw_table_card(self) -> dict | None:
+        table = getattr(self, "draw_table_", None)
+        if table is None:
+            return None
+        return {"points": len(table), "draws_per_point": int(table.samples.shape[1]),
+                "megabytes": round(table.nbytes / 2**20, 1), "used": self.draw_table == "auto"}
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False):
+        """Write the model as a bundle folder (``model.safetensors`` + ``model.json``); returns the path."""
+        self._check_fitted()
+        if not hasattr(self, "created_"):
+            self.created_ = datetime.now(UTC).isoformat(timespec="seconds")
+        tensors = {f"encoder.{k}": v for k, v in self.encoder_.state_dict().items()}
+        tensors.update({f"network.{k}": v for k, v in self.network_.state_dict().items()})
+        table = getattr(self, "draw_table_", None)
+        if table is not None:
+            tensors.update(table.to_tensors())
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
+        meta = {
+            "estimator": "NormativeDiffusion",
+            "params": params,
+            "idps": list(self.idps_),
+            "covariate_schema": self.covariate_schema_.to_dict(),
+            "preprocessing": self.scaler_.to_dict(),
+            "backbone_config": dataclasses.asdict(self.backbone_config_),
+            "diffusion_config": self.diffusion_config_.to_dict(),
+            "encoder_config": dataclasses.asdict(self.encoder_config_),
+            "training_summary": json_ready(self.training_summary_),
+            "n_dropped": int(self.n_dropped_),
+            "history": {c: self.history_[c].tolist() for c in self.history_.columns},
+            "created": self.created_,
+            "location_scale": None if self.stage_ is None else self.stage_.to_dict(),
+            "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
+            "adaptations": list(self.adaptations_),
+            "draw_table": None if table is None else table.settings,
+            "model_card": self.model_card(),
+        }
+        return save_bundle(path, tensors, meta, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NormativeDiffusion:
+        """Read a bundle written by :meth:`save` (see :func:`load_model`)."""
+        return load_model(path)
+
+
+def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeDiffusion:
+    """Load a model bundle; refuses tampered, foreign or truncated bundles with a :class:`BundleError`."""
+    from normdiff_bids.model.diffusion import GaussianDiffusion
+    from normdiff_bids.model.estimator import NormativeDiffusion
+    from normdiff_bids.model.schedule import DiffusionConfig
+
+    tensors, meta = load_bundle(path)
+    fix = "re-create the model with this version of normdiff-bids"
+    if meta.get("estimator") != "NormativeDiffusion":
+        raise BundleError(f"{path}/model.json describes a {meta.get('estimator')!r}, not a "
+                          f"NormativeDiffusion model; pass a folder written by NormativeDiffusion.save")
+    try:
+        params = dict(meta["params"])
+        params["covariates"] = tuple(params["covariates"])
+        if device is not None:
+            params["device"] = device
+        check_params(NormativeDiffusion, params, path)  # the estimator's own checks, on edited values too
+        model = NormativeDiffusion(**params)
+        model.idps_ = list(meta["idps"])
+        model.n_features_in_ = len(model.idps_)
+        model.covariate_schema_ = CovariateSchema.from_dict(meta["covariate_schema"])
+        model.scaler_ = IDPScaler.from_dict(meta["preprocessing"])
+        spec = get_spec(model.backbone)
+        model.backbone_config_ = spec.config.from_dict(meta["backbone_config"])
+        model.diffusion_config_ = DiffusionConfig.from_dict(meta["diffusion_config"])
+        model.encoder_config_ = CovariateEncoderConfig(**meta["encoder_config"])
+        model.training_summary_ = dict(meta["training_summary"])
+        model.n_train_ = int(model.training_summary_["n_train"])
+        model.n_dropped_ = int(meta.get("n_dropped", 0))
+        model.history_ = pd.DataFrame(meta["history"]).astype({"val_loss": float})
+        model.created_ = meta.get("created")
+        stage, layer = meta.get("location_scale"), meta.get("calibration")
+        model.stage_ = None if stage is None else LocationScaleStage.from_dict(stage)
+        model.calibration_ = None if layer is None else CentileCalibration.from_dict(layer)
+        model.adaptations_ = list(meta.get("adaptations", []))
+        encoder = CovariateEncoder(model._model_space().network_schema(), model.encoder_config_)
+        network = spec.module(model.n_features_in_, encoder.cond_dim, model.backbone_config_)
+        encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
+        network.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("network.")})
+    except BundleError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise BundleError(f"{path}/model.json and model.safetensors do not describe a model this version "
+                          f"can rebuild ({type(err).__name__}: {err}); {fix}") from None
+    dev = model._torch_device()
+    model.encoder_ = encoder.to(dev).eval()
+    model.network_ = network.to(dev).eval()
+    model._diffusion = GaussianDiffusion(model.diffusion_config_)
+    model.draw_table_ = None
+    if meta.get("draw_table") is not None:
+        try:
+            model.draw_table_ = DrawTable.from_tensors(meta["draw_table"], tensors)
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"{path}/model.safetensors does not hold the draw table model.json describes "
+                              f"({type(err).__name__}: {err}); {fix}") from None
+        if not model.draw_table_.serves(model._drawer(use_table=False).table_settings(model.n_samples)):
+            # drawn with other weights or settings than the bundle's: never score from it
+            raise BundleError(f"{path}: the draw table was not made with this model's weights and "
+                              f"sampling settings; {fix}")
+    return model
