@@ -22,11 +22,11 @@ from normdiff_bids.outputs.score_tables import (
 #: Units of every z column.
 Z_UNITS = "standard deviation"
 _TAIL_LEVELS = {
-    "-1": "below every model sample: centile and z come from the tail rule (Gaussian tail fitted to the "
-          "lowest samples)",
+    "-1": "below every model sample: centile and z come from the tail rule (a skew-aware tail fitted to "
+          "the lower half of the samples)",
     "0": "within the range of the model samples",
-    "1": "above every model sample: centile and z come from the tail rule (Gaussian tail fitted to the "
-         "highest samples)",
+    "1": "above every model sample: centile and z come from the tail rule (a skew-aware tail fitted to "
+         "the upper half of the samples)",
 }
 _BOOL_LEVELS = {
     "true": "the subject's covariates lie outside the range the model was trained on (extrapolation): "
