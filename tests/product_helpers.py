@@ -5,7 +5,6 @@ that every test module reuses them instead of re-creating them."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -26,9 +25,10 @@ TINY_ARGS = ["--idp-set", *IDPS, "--epochs", "3", "--n-samples", "100",
 
 @contextlib.contextmanager
 def _locked(path: Path):
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with FileLock(path.with_suffix(".lock")):
         yield
 
 
