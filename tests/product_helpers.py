@@ -64,6 +64,20 @@ def copy_bids(tmp_path_factory, dest: Path) -> Path:
     return dest
 
 
+def refused(capsys, argv, output_dir: Path, status: int = 2) -> str:
+    """Run the CLI, check it refused cleanly and changed nothing; return its message."""
+    from normdiff_bids.cli.run import main
+
+    before = snapshot(output_dir)
+    existed = output_dir.exists()
+    assert main(argv) == status
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert snapshot(output_dir) == before
+    assert output_dir.exists() == existed
+    return captured.err
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Each entry under ``folder`` -> kind, mode and content hash: equal snapshots mean nothing changed."""
     if not folder.exists():
