@@ -14,6 +14,7 @@ from product_helpers import (
     TINY_ARGS,
     copy_bids,
     make_read_only,
+    refused,
     rewrite_participants,
     snapshot,
 )
@@ -28,18 +29,6 @@ def out(group_out, tmp_path):
     dest = tmp_path / "derivatives" / "normdiff"
     shutil.copytree(group_out, dest)
     return dest
-
-
-def refused(capsys, argv, output_dir: Path, status: int = 2) -> str:
-    """Run the CLI, check it refused cleanly and changed nothing; return its message."""
-    before = snapshot(output_dir)
-    existed = output_dir.exists()
-    assert main(argv) == status
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err + captured.out
-    assert snapshot(output_dir) == before
-    assert output_dir.exists() == existed
-    return captured.err
 
 
 def participant(bids, out, *extra, model=None):

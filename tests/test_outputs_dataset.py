@@ -273,3 +273,60 @@ def test_two_parallel_jobs_share_one_output_folder_and_lose_nothing(tmp_path, bi
             assert (out / name).is_file()
     leftovers = [p.name for p in out.rglob(".*") if p.name not in (".bidsignore", ".normdiff.lock")]
     assert leftovers == []
+
+
+def test_the_output_lock_is_reentrant_in_a_thread_and_shuts_out_other_threads(tmp_path):
+    import threading
+    import time
+
+    from normdiff_bids.outputs.dataset import output_lock
+
+    events = []
+    holding = threading.Event()
+
+    def other_thread():
+        holding.wait(timeout=30)
+        with output_lock(tmp_path, timeout=30):
+            events.append("other thread in")
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with output_lock(tmp_path):
+        with output_lock(tmp_path, timeout=1):  # the holder takes it again without waiting on itself
+            holding.set()
+            time.sleep(0.5)  # the other thread waits on the lock meanwhile
+            events.append("holder done")
+    thread.join(timeout=30)
+    assert events == ["holder done", "other thread in"]
+
+
+_LOCK_HOLDER = """
+import sys
+from normdiff_bids.outputs.dataset import output_lock
+with output_lock(sys.argv[1]):
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_lock_held_by_another_process_times_out_naming_the_lock_file(tmp_path):
+    from normdiff_bids.outputs.dataset import LOCK_NAME, output_lock
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(OutputError) as refused:
+            with output_lock(tmp_path, timeout=0.3):
+                pytest.fail("the lock was taken while another process held it")
+        message = str(refused.value)
+        assert str(tmp_path / LOCK_NAME) in message
+        assert "another normdiff-bids run" in message and "wait" in message and "stale lock" in message
+    finally:
+        holder.communicate("done\n", timeout=30)
+    with output_lock(tmp_path, timeout=5):  # released with its holder
+        pass
+    assert holder.returncode == 0
+    if os.name == "posix":  # the lock file stays, so that every waiting job locks the same file
+        assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "e.g. \"diagnosis == 'HC' and age >= 18\": columns, numbers, quoted text, "
                           "== != < <= > >=, in [...], and/or/not (& | ~), parentheses; parsed, never run "
                           "as code; default: every participant")
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                     help="do not check BIDS_DIR with the BIDS validator (bids-validator-deno, when "
+                          "installed) first; by default its errors stop the run before anything is written "
+                          "(--reports-only never validates: it re-draws reports from what OUTPUT_DIR holds)")
     sel.add_argument("--age-column", default="age", help="participants.tsv / sessions.tsv column holding age")
     sel.add_argument("--sex-column", default="sex", help="participants.tsv column holding sex")
     sel.add_argument("--site-column", default="site",

@@ -51,6 +51,7 @@ class Plan:
     table: object = None  # the IDP table collected while checking (pandas DataFrame)
     group_table: object = None  # the group level's score tables, read while checking (--reports-only)
     group_done: bool = False  # the group level of this run has finished (its model is installed)
+    validation: dict | None = None  # what the BIDS validator said, for the run record
 
 
 def main(argv=None) -> int:
@@ -156,6 +157,7 @@ def run_description(opts, plan: Plan, argv: list[str] | None = None) -> dict:
                                      if plan.reference_participants is not None else None),
         "plugin": plugin, "plugin_args": plugin_args, "nprocs": _nprocs(opts),
         "omp_nthreads": _node_threads(opts),
+        "bids_validation": plan.validation,
         "work_dir": opts.work_dir.expanduser().absolute() if opts.work_dir is not None else "temporary",
     }
     return json_ready({
@@ -348,6 +350,8 @@ def check_inputs(opts, levels) -> Plan:
                  f"--nprocs; training and scoring will compete for cores (lower --omp-nthreads or raise "
                  f"--nprocs)", always=True)
 
+    plan.validation = validate_dataset(opts, plan)
+
     if "group" in levels:
         _check_group(opts, plan)
         idps = plan.base_model.idps_ if plan.base_model is not None else _idp_columns(plan.table, plan)
@@ -358,6 +362,40 @@ def check_inputs(opts, levels) -> Plan:
     if getattr(opts, "reports_only", False):
         _check_reports_only(plan)
     return plan
+
+
+def validate_dataset(opts, plan: Plan) -> dict:
+    """Run the BIDS validator on the input dataset (once per run, before any output is written).
+
+    Its errors stop the run (an :class:`InputError` in the validator's words); its warnings are one line.
+    Without the validator (not installed, failed, out of time) the run goes on with a warning. Only the
+    selected participants' files count, and nothing inside the run's own output, work and FreeSurfer
+    folders. Returns what the run record keeps.
+    """
+    from normdiff_bids.data.validation import (
+        INSTALL_HINT,
+        VALIDATOR,
+        ValidatorUnavailable,
+        validate_bids,
+    )
+
+    if getattr(opts, "skip_bids_validation", False):
+        return {"skipped": "--skip-bids-validation"}
+    if getattr(opts, "reports_only", False):
+        return {"skipped": "--reports-only"}
+    work_dir = opts.work_dir.expanduser().absolute() if opts.work_dir is not None else None
+    try:
+        report = validate_bids(plan.bids_dir, participants=plan.participant_label,
+                               ignore=(plan.output_dir, work_dir, plan.fs_dir))
+    except ValidatorUnavailable as exc:
+        hint = (f"install it ({INSTALL_HINT})" if not exc.installed
+                else f"run `{VALIDATOR} {plan.bids_dir}` to see why")
+        _say(f"normdiff-bids: warning: the input dataset was not checked with the BIDS validator: {exc}; "
+             f"{hint}, or pass --skip-bids-validation to leave it out", always=True)
+        return {"skipped": str(exc)}
+    report.raise_for_errors()
+    _say(f"normdiff-bids: {report.summary()}", quiet=opts.quiet)
+    return report.record()
 
 
 def _check_reports_only(plan: Plan) -> None:

@@ -10,7 +10,6 @@ participant-level jobs writing into one folder at once both succeed and nothing 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from normdiff_bids._version import __version__
@@ -25,6 +25,9 @@ from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.bidsio import json_ready, write_json
 from normdiff_bids.errors import OutputError
 from normdiff_bids.outputs import names
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 PIPELINE_NAME = "normdiff-bids"
 #: BIDS version the derivatives follow.
@@ -77,42 +80,55 @@ _DESCRIPTIONS_SIDECAR = {
                     "Description": "What the files with this desc label hold"},
 }
 
-_thread_lock = threading.RLock()
-_held: dict[Path, int] = {}
+#: Seconds a job waits for the output lock. Jobs hold it only to merge a shared file (well under a
+#: second) or to install a model, so a lock held this long belongs to a job that hangs.
+LOCK_TIMEOUT_S = 600.0
+
+_locks: dict[Path, FileLock] = {}
+_locks_guard = threading.Lock()
+
+
+def _file_lock(path: Path) -> FileLock:
+    """The one lock object of ``path`` in this process: re-entrant within a thread, exclusive between
+    threads (each thread holds its own descriptor) and between processes."""
+    from filelock import FileLock  # here: checking an output folder needs only the standard library
+
+    with _locks_guard:
+        lock = _locks.get(path)
+        if lock is None:
+            lock = _locks[path] = FileLock(path, thread_local=True)
+        return lock
 
 
 @contextlib.contextmanager
-def output_lock(output_dir: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``output_dir`` (blocks until other jobs release it).
+def output_lock(output_dir: str | os.PathLike, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive lock on ``output_dir``: wait for other jobs (at most ``timeout`` seconds).
 
-    An ``fcntl.flock`` on ``<output_dir>/.normdiff.lock`` serialises processes (Nipype MultiProc
-    workers, SLURM array tasks sharing a file system); a thread lock serialises threads of one process.
-    The lock file is left in place: removing it would let a waiting job lock a file nobody else sees.
+    A :class:`filelock.FileLock` on ``<output_dir>/.normdiff.lock`` (``flock`` on POSIX,
+    ``msvcrt.locking`` on Windows) serialises processes (Nipype MultiProc workers, SLURM array tasks
+    sharing a file system) and threads; a thread that holds it may take it again. On POSIX the lock file
+    is left in place, so that every waiting job locks the same file. Raises :class:`OutputError` naming
+    the lock file when it cannot be created or is still held after ``timeout`` seconds.
     """
+    from filelock import Timeout
+
     path = (Path(output_dir) / LOCK_NAME).absolute()
-    with _thread_lock:
-        if _held.get(path):
-            # Re-entry from the same thread: a second flock on a new descriptor would wait on itself.
-            _held[path] += 1
-            try:
-                yield
-            finally:
-                _held[path] -= 1
-            return
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise OutputError(f"cannot create the lock file {path}: {err.strerror}; "
-                              "check that the output folder is writable") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            _held[path] = 1
-            yield
-        finally:
-            _held.pop(path, None)
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    lock = _file_lock(path)
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise OutputError(
+            f"the output folder {path.parent} is locked by another normdiff-bids run writing into it: its "
+            f"lock file {path} was still held after {timeout:g} s; wait for that run to finish and rerun, "
+            f"or, if no other run uses this folder (one was killed on a file system without working "
+            f"locks), remove the stale lock file {path}") from None
+    except OSError as err:
+        raise OutputError(f"cannot create the lock file {path}: {err.strerror or err}; "
+                          "check that the output folder is writable") from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def generated_by(environ: Mapping[str, str] | None = None) -> dict:
