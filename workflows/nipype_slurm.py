@@ -16,10 +16,22 @@ folder must be on a file system the compute nodes share.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import re
 import sys
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+#: Options that set the torch threads of a node; without one, a job uses the CPUs its sbatch options ask for.
+THREAD_OPTIONS = {"--omp-nthreads", "--nprocs", "--n-cpus", "--n_cpus", "--nthreads"}
+
+
+def cpus_per_task(sbatch_args: str) -> int:
+    """The CPUs a job asks for in ``sbatch_args`` (the last ``-c``/``--cpus-per-task`` wins, as in sbatch),
+    1 without one."""
+    found = re.findall(r"(?:^|\s)(?:--cpus-per-task[= ]|-c ?)(\d+)\b", sbatch_args)
+    return int(found[-1]) if found else 1
 
 
 def build(argv) -> tuple:
@@ -51,13 +63,20 @@ def build(argv) -> tuple:
         app_argv += ["--model", args.model]
     if args.gpu_sbatch_args:
         app_argv += ["--device", "cuda"]
+    # Else torch would start as many threads as this login node has cores, in jobs given fewer.
+    threads_set = any(a.split("=")[0] in THREAD_OPTIONS for a in extra)
+    if not threads_set:
+        app_argv += ["--omp-nthreads", str(cpus_per_task(args.sbatch_args))]
     opts = build_parser().parse_args(app_argv)
     plan = check_inputs(opts, ["participant"])
     wf = participant_workflow(opts, plan)
     wf.base_dir = os.path.abspath(args.work_dir)
     if args.gpu_sbatch_args:
         score = wf.get_node("score")
-        score.plugin_args = {"sbatch_args": f"{args.sbatch_args} {args.gpu_sbatch_args}", "overwrite": True}
+        score_args = f"{args.sbatch_args} {args.gpu_sbatch_args}"
+        score.plugin_args = {"sbatch_args": score_args, "overwrite": True}
+        if not threads_set:
+            score.n_procs = score.inputs.num_threads = cpus_per_task(score_args)
     plugin_args = {"sbatch_args": args.sbatch_args, "max_jobs": args.max_jobs}
     return wf, plugin_args, plan, args.dry_run
 
@@ -84,6 +103,8 @@ def main(argv=None) -> int:
     from normdiff_bids.outputs.dataset import prepare_output_dir
 
     prepare_output_dir(plan.output_dir, plan.bids_dir, fs_dir=find_freesurfer_dir(plan.bids_dir, plan.fs_dir))
+    # The plugin names each job after $LOGNAME, which batch jobs, containers and cron often lack.
+    os.environ.setdefault("LOGNAME", getpass.getuser())
     wf.run(plugin="SLURM", plugin_args=plugin_args)
     return 0
 

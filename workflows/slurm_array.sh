@@ -35,12 +35,13 @@ if [[ -z "$label" ]]; then
 fi
 label=${label#sub-}
 
-# One participant is a short chain of nodes: run them in order, and give torch the task's CPUs.
+# One participant is a short chain of nodes: run them in order (--nprocs with one participant runs them in
+# this process), and give torch the task's CPUs.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # shellcheck disable=SC2086  # EXTRA_ARGS holds several options on purpose
 exec $NORMDIFF_BIDS "$BIDS_DIR" "$OUTPUT_DIR" participant \
     --participant-label "$label" \
     --model "$MODEL" \
     --work-dir "$WORK_ROOT/sub-$label" \
-    --nprocs 1 \
+    --nprocs "$OMP_NUM_THREADS" \
     --quiet $EXTRA_ARGS
