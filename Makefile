@@ -22,7 +22,7 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".[validate]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch

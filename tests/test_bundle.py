@@ -103,6 +103,28 @@ def test_each_file_is_read_once_and_parsed_from_the_checked_bytes(bundle, monkey
     assert sorted(reads) == ["manifest.json", "model.json", "model.safetensors"]
 
 
+def test_a_bundle_loaded_again_in_one_process_is_not_read_again_until_a_file_changes(bundle, monkeypatch):
+    path, tensors, _ = bundle
+    load_bundle(path)
+    reads = []
+    original = Path.read_bytes
+
+    def counting(self):
+        reads.append(self.name)
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    again, meta = load_bundle(path)
+    assert reads == ["manifest.json"] and torch.equal(again["backbone.w"], tensors["backbone.w"])
+    meta["idps"].append("changed by the caller")  # each caller gets its own copy
+    assert load_bundle(path)[1]["idps"] == ["Left-Hippocampus", "Right-Hippocampus"]
+    # an edit after the cached load is still refused
+    text = (path / "model.json").read_text()
+    (path / "model.json").write_text(text.replace('"seed": 0', '"seed": 10'))
+    with pytest.raises(BundleError, match=r"model.json does not match the sha256"):
+        load_bundle(path)
+
+
 def test_truncated_files_are_refused(bundle):
     path, _, _ = bundle
     data = (path / "model.safetensors").read_bytes()
@@ -250,3 +272,9 @@ def test_reserved_meta_keys_are_refused(tmp_path):
     with pytest.raises(ValueError, match="reserved"):
         save_bundle(tmp_path / "m", {"w": torch.zeros(1)}, {"format": "mine"})
     assert not (tmp_path / "m").exists()
+
+
+def test_the_model_card_is_read_without_rebuilding_the_model(saved_model):
+    from normdiff_bids.model.persistence import load_model, read_model_card
+
+    assert read_model_card(saved_model) == load_model(saved_model).model_card()

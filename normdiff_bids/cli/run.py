@@ -743,6 +743,8 @@ def run_workflow(wf, opts, work_dir: Path, crash_dir: Path | None = None, serial
     })
     nipype_config.set("execution", "check_version", "false")
     plugin, plugin_args = plugin_settings(opts, serial=serial)
+    if plugin.upper().startswith("SLURM"):
+        _default_logname()
     # MultiProc runs a full garbage collection on every scheduler pass; what this process holds by now
     # (the checked inputs, pybids' index, torch) is long-lived, so it is moved out of the collector's
     # sight: a participant-level run spent 3 of its 9 seconds in those collections.
@@ -756,6 +758,18 @@ def run_workflow(wf, opts, work_dir: Path, crash_dir: Path | None = None, serial
         raise node_error(exc, crash_dir) from None
     finally:
         gc.unfreeze()
+
+
+def _default_logname() -> None:
+    """Nipype's SLURM plugins name each job after ``$LOGNAME``, which batch jobs, containers and cron
+    often lack (a ``KeyError`` deep in the plugin otherwise)."""
+    if os.environ.get("LOGNAME"):
+        return
+    try:
+        import getpass
+        os.environ["LOGNAME"] = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (containers run with -u)
+        os.environ["LOGNAME"] = "normdiff"
 
 
 def _worker_logging_config(levels: dict) -> None:

@@ -99,9 +99,9 @@ class GroupReport(SimpleInterface):
 
         card = None
         if isdefined(self.inputs.model_dir):
-            from normdiff_bids.model.normative import load_model
+            from normdiff_bids.model.persistence import read_model_card
 
-            card = load_model(self.inputs.model_dir).model_card()
+            card = read_model_card(self.inputs.model_dir)
         calibration = None
         if isdefined(self.inputs.calibration_report):
             calibration = Path(self.inputs.calibration_report).read_text(encoding="utf-8")

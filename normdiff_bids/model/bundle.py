@@ -7,10 +7,15 @@ truncated, foreign, older- or newer-format bundle is refused with a message that
 fix. The checksums detect corruption and edits, not a forger who also rewrites the manifest: share
 models through a channel you trust. Bundles are written atomically and never replace an existing one
 unless asked to (and then only once the new one is complete).
+
+A process keeps the last bundles it verified (:data:`CACHE_SIZE`), keyed by the folder, the manifest's
+content and each file's size, modification time and inode: a run that loads one model in several steps
+reads and checks it once, and any change to a file makes the next load read and check it again.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,6 +43,9 @@ BUNDLE_FILES = (META_FILE, WEIGHTS_FILE)
 _RESERVED = ("format", "format_version", "package_version")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REFIT = "re-create it with `NormativeDiffusion.fit(...).save(path)` or the `group` level"
+#: Verified bundles a process keeps (a model and the base model it was adapted from).
+CACHE_SIZE = 2
+_verified: dict[tuple, tuple[dict, dict]] = {}
 
 
 class BundleError(NormdiffError, ValueError):
@@ -85,6 +93,10 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
         raise BundleError(f"model bundle {path} {what}; pass the folder that holds {MANIFEST_FILE}, "
                           f"{META_FILE} and {WEIGHTS_FILE}")
     manifest = _read_manifest(path)
+    key = _cache_key(path, manifest)
+    if key is not None and key in _verified:
+        tensors, meta = _verified[key]
+        return dict(tensors), copy.deepcopy(meta)
     data = {name: _verified_bytes(path, name, manifest["files"][name]) for name in BUNDLE_FILES}
     meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
     try:
@@ -101,7 +113,21 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
         tensors = load_safetensors(data[WEIGHTS_FILE])
     except (SafetensorError, ValueError) as err:
         raise BundleError(f"{weights_path} cannot be read as safetensors ({err}); {_REFIT}") from None
-    return tensors, meta
+    if key is not None:
+        while len(_verified) >= CACHE_SIZE:
+            _verified.pop(next(iter(_verified)))
+        _verified[key] = (tensors, copy.deepcopy(meta))
+    return dict(tensors), meta
+
+
+def _cache_key(path: Path, manifest: dict) -> tuple | None:
+    """What identifies a bundle's verified content in this process (None when a file cannot be stat-ed)."""
+    try:
+        stats = tuple((st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+                      for st in ((path / name).stat() for name in BUNDLE_FILES))
+    except OSError:
+        return None
+    return str(path.resolve()), json.dumps(manifest, sort_keys=True), stats
 
 
 def weights_digest(path: str | os.PathLike) -> str | None:

@@ -97,4 +97,6 @@ class DrawTable:
                 or len(get["points_cat"]) != len(get["points_cont"]):
             raise ValueError(f"draw table tensors have inconsistent shapes: "
                              f"{ {k: tuple(v.shape) for k, v in get.items()} }")
+        for array in get.values():
+            array.setflags(write=False)  # shared with the process's cache of verified bundles
         return cls(dict(settings), get["points_cont"], get["points_cat"], get["samples"])

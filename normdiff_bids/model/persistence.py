@@ -113,6 +113,16 @@ class _PersistenceMixin:
         return load_model(path)
 
 
+def read_model_card(path: str | os.PathLike) -> dict:
+    """The model card a bundle was saved with (``model.json``, verified), without rebuilding the model."""
+    _, meta = load_bundle(path)
+    card = meta.get("model_card")
+    if not isinstance(card, dict):
+        raise BundleError(f"{path}/model.json holds no model card; re-create the model with this version "
+                          f"of normdiff-bids")
+    return card
+
+
 def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeDiffusion:
     """Load a model bundle; refuses tampered, foreign or truncated bundles with a :class:`BundleError`."""
     from normdiff_bids.model.diffusion import GaussianDiffusion
