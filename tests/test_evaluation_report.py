@@ -118,3 +118,34 @@ def test_report_says_plainly_when_the_joint_deviation_fails():
 
     assert card(0.05)["bad"] is False and card(0.05)["hint"].startswith("uniform")
     assert card(0.16)["bad"] is True and card(0.16)["hint"].startswith("FAILS")
+
+
+@pytest.mark.parametrize("n", [54, 1000])
+def test_per_idp_verdicts_hold_for_a_calibrated_model_and_fail_for_a_shifted_one_at_any_n(n):
+    """The verdicts scale with the number of held-out people: exact centiles of 54 people are not
+    'failing', and a 0.25 SD shift of 1000 people is."""
+    import numpy as np
+    from scipy.special import ndtr
+
+    from normdiff_bids.evaluation import empirical_coverage, pit_summary
+    from normdiff_bids.evaluation.evaluate import uniformity_limits
+    from normdiff_bids.evaluation.report import _cards
+
+    rng = np.random.default_rng(n)
+    z = rng.standard_normal((n, 20))
+
+    def cards(centiles):
+        frame = pd.DataFrame(centiles, columns=[f"idp{j}" for j in range(20)])
+        pit, cov = pit_summary(frame), empirical_coverage(frame)
+        results = {"n_holdout": n, "pit_ks": pit["ks"], "pit_ks_max": pit["ks_max"],
+                   "coverage95": cov["coverage"], "coverage95_abs_error": cov["abs_error"],
+                   **uniformity_limits(pit)}
+        return {c["label"]: c for c in _cards(results)}
+
+    calibrated = cards(ndtr(z))
+    assert not calibrated["PIT-KS per IDP"]["bad"] and not calibrated["coverage of 95% interval"]["bad"]
+    if n >= 1000:
+        shifted = cards(ndtr(z + 0.25))
+        assert shifted["PIT-KS per IDP"]["bad"] and shifted["PIT-KS per IDP"]["hint"].startswith("FAILS")
+        wide = cards(ndtr(z / 1.5))
+        assert wide["coverage of 95% interval"]["bad"]

@@ -72,6 +72,7 @@ def _suite(holdout, generated, centiles, idps, *, train=None, memorisation_gener
     full["pit"] = pit_summary(centiles, idps=idps)
     flat["pit_ks"] = full["pit"]["ks"]
     flat["pit_ks_max"] = full["pit"]["ks_max"]
+    flat.update(uniformity_limits(full["pit"]))
     full["ks"] = ks_by_age_bin(holdout, generated, idps=idps, bin_width=bin_width,
                                n_permutations=n_permutations, seed=seed)
     for key in ("mean_stat", "max_stat", "n_tests", "frac_reject", "frac_idps_fisher_reject"):
@@ -131,6 +132,26 @@ def centile_curves(model, train: pd.DataFrame, covariate_columns: Sequence[str],
                     "sex": level, "site": grid[site].iloc[0] if site in grid else None, "age": grid_age,
                     "idp": name, "q": float(q), "value": np.asarray(quantiles[(name, q)], dtype=float)}))
     return pd.concat(rows, ignore_index=True)
+
+
+def uniformity_limits(pit: dict) -> dict:
+    """What a calibrated model stays within on this many held-out rows, for the report's verdicts.
+
+    ``pit_ks_critical``: the 5% critical value of one KS test at ``n`` rows (``1.358 / sqrt(n)``); a
+    calibrated model's mean per-IDP KS distance is about ``0.87 / sqrt(n)``, so the mean exceeds it only
+    when typical IDPs are rejected. ``coverage95_tolerance``: 1.96 binomial SDs of one IDP's 95%
+    coverage at ``n`` rows. ``pit_n_rejected``: IDPs whose KS test rejects uniformity at a 5% false
+    discovery rate (Benjamini-Hochberg over IDPs).
+    """
+    from normdiff_bids.evaluation._common import benjamini_hochberg
+
+    n = int(pit["per_idp"]["n"].max()) if len(pit["per_idp"]) else 0
+    if n < 2:
+        return {}
+    q = benjamini_hochberg(pit["per_idp"]["p_value"].to_numpy())
+    return {"pit_ks_critical": float(1.358 / np.sqrt(n)),
+            "coverage95_tolerance": float(1.96 * np.sqrt(0.95 * 0.05 / n)),
+            "pit_n_rejected": int(np.sum(q < 0.05)), "pit_n_idps": int(len(q))}
 
 
 def joint_calibration(model, holdout: pd.DataFrame) -> dict:

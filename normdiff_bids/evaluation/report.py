@@ -77,14 +77,22 @@ def _cards(results: dict) -> list[dict]:
                       "bad": get("centile_mae") > 0.05, "hint": "synthetic truth; 0 is perfect"})
     if get("coverage95") is not None:
         err = get("coverage95_abs_error")
+        tolerance = get("coverage95_tolerance") or 0.03
         cards.append({"label": "coverage of 95% interval", "value": _fmt(get("coverage95")),
-                      "bad": err is not None and err > 0.03,
-                      "hint": f"mean |ECP - 0.95| over IDPs: {_fmt(err)}"})
+                      "bad": err is not None and err > tolerance,
+                      "hint": f"mean |ECP - 0.95| over IDPs: {_fmt(err)}; a calibrated model stays within "
+                              f"{_fmt(tolerance)} at n = {get('n_holdout')}"})
     if get("pit_ks") is not None:
-        bad = get("pit_ks") > 0.1
+        critical = get("pit_ks_critical") or 0.1
+        bad = get("pit_ks") > critical
+        rejected = get("pit_n_rejected")
         cards.append({"label": "PIT-KS per IDP", "value": _fmt(get("pit_ks")), "bad": bad,
-                      "hint": ("FAILS: per-IDP centiles are not uniform on held-out people; " if bad else "")
-                      + f"worst IDP {_fmt(get('pit_ks_max'))}; 0 = calibrated"})
+                      "hint": ("FAILS: per-IDP centiles are not uniform on held-out people; " if bad else
+                               "uniform: ")
+                      + f"mean over IDPs against the 5% critical value {_fmt(critical)} at n = "
+                        f"{get('n_holdout')}; worst IDP {_fmt(get('pit_ks_max'))}"
+                      + ("" if rejected is None else
+                         f"; {rejected} of {get('pit_n_idps')} IDPs rejected (KS, 5% FDR)")})
     if get("joint_pit_ks") is not None:
         bad = get("joint_pit_ks") > get("joint_pit_ks_critical")
         cards.append({"label": "PIT-KS of the joint deviation", "value": _fmt(get("joint_pit_ks")),
