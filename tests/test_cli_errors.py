@@ -331,6 +331,27 @@ def test_empty_freesurfer_subject_folder(capsys, out, tmp_path_factory, tmp_path
     assert "sub-005" in message and "stats" in message
 
 
+def test_a_participant_without_freesurfer_folder_is_named_not_dropped_silently(capsys, out, tmp_path_factory,
+                                                                                tmp_path):
+    import json
+
+    damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
+    for folder in [*damaged.glob("sub-*"), *(damaged / "derivatives" / "freesurfer").glob("sub-*")]:
+        if folder.name not in ("sub-001", "sub-002", "sub-005") or folder.parent.name == "freesurfer" \
+                and folder.name == "sub-005":
+            shutil.rmtree(folder)  # a small dataset: 001 and 002 complete, 005 without FreeSurfer
+    assert main(participant(damaged, out, "--participant-label", "001", "005")) == 2  # asked for by name
+    capsys.readouterr()
+    assert main(participant(damaged, out, "--participant-label", "001", "002")) == 0
+    err = capsys.readouterr().err
+    assert "no FreeSurfer folder" not in err  # the rows asked for all have FreeSurfer folders
+    assert main(participant(damaged, out)) == 0
+    err = capsys.readouterr().err
+    assert "no FreeSurfer folder" in err and "sub-005" in err
+    record = json.loads(sorted((out / "logs").glob("run-*.json"))[-1].read_text())
+    assert record["resolved"]["no_freesurfer"] == ["sub-005"]
+
+
 def test_participants_tsv_with_byte_order_mark_and_crlf_is_read(capsys, out, tmp_path_factory, tmp_path):
     damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
     path = damaged / "participants.tsv"

@@ -248,7 +248,7 @@ def test_scoring_marks_missing_values_and_names_missing_idps(model, test, cohort
     holes = test.copy()
     holes.loc[holes.index[0], cohort.idps[1]] = np.nan
     holes.loc[holes.index[1], "age"] = np.nan
-    with pytest.warns(UserWarning, match="1 rows have a missing covariate"):
+    with pytest.warns(UserWarning, match="1 row has a missing covariate"):
         c = model.predict_centiles(holes)
     assert np.isnan(c.iloc[0, 1]) and np.isfinite(c.iloc[0, [0, 2]]).all()
     assert c.iloc[1].isna().all() and np.isfinite(c.iloc[2:].to_numpy()).all()
@@ -269,7 +269,7 @@ def test_unseen_site_and_out_of_range_age(model, test):
     with pytest.raises(InputError, match=r"never seen in training: \['siteX'\].*unknown_site='marginal'"):
         model.score(new_site)
     no_site = test.head(2).assign(site=[None, test["site"].iloc[1]], participant_id=["sub-a", "sub-b"])
-    with pytest.warns(UserWarning, match="1 rows have a missing covariate"):
+    with pytest.warns(UserWarning, match="1 row has a missing covariate"):
         counts = model.score(no_site).groupby("participant_id", sort=False)["centile"].count()
     assert counts.tolist() == [0, 3]
     model.set_params(unknown_site="marginal")

@@ -205,3 +205,14 @@ def test_reference_selection_uses_the_safe_query(tmp_path):
     assert reference_participants(bids, "diagnosis != 'HC'", table) == ["sub-01"]
     with pytest.raises(QueryError, match=r"participants.tsv.*'age'"):
         reference_participants(bids, "age > 3", table)
+
+
+def test_empty_cells_of_participants_tsv_are_missing_in_the_query_as_in_the_covariates(tmp_path):
+    """One empty age cell must not turn the age column into text ('compares text with a number')."""
+    table = cohort(4)
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "participants.tsv").write_text("participant_id\tage\tdiagnosis\nsub-00\t30\tHC\nsub-01\t\tHC\n"
+                                           "sub-02\t12\tHC\nsub-03\t \tPT\n")
+    assert reference_participants(bids, "diagnosis == 'HC' and age >= 18", table) == ["sub-00"]
+    assert reference_participants(bids, "diagnosis == 'HC'", table) == ["sub-00", "sub-01", "sub-02"]

@@ -52,6 +52,7 @@ class Plan:
     group_table: object = None  # the group level's score tables, read while checking (--reports-only)
     group_done: bool = False  # the group level of this run has finished (its model is installed)
     validation: dict | None = None  # what the BIDS validator said, for the run record
+    no_freesurfer: list[str] = field(default_factory=list)  # rows left out: no FreeSurfer folder found
 
 
 def main(argv=None) -> int:
@@ -158,6 +159,7 @@ def run_description(opts, plan: Plan, argv: list[str] | None = None) -> dict:
         "plugin": plugin, "plugin_args": plugin_args, "nprocs": _nprocs(opts),
         "omp_nthreads": _node_threads(opts),
         "bids_validation": plan.validation,
+        "no_freesurfer": plan.no_freesurfer,
         "work_dir": opts.work_dir.expanduser().absolute() if opts.work_dir is not None else "temporary",
     }
     return json_ready({
@@ -524,9 +526,14 @@ def _collect(plan: Plan, idp_set):
     """Collect the IDP table of the selection (raises the input layer's errors, naming file and value)."""
     from normdiff_bids.data.idps import collect_idps
 
-    table, _report = collect_idps(plan.bids_dir, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
-                                  session_label=plan.session_label, idp_set=list(idp_set),
-                                  longitudinal=plan.longitudinal, **plan.columns)
+    table, report = collect_idps(plan.bids_dir, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
+                                 session_label=plan.session_label, idp_set=list(idp_set),
+                                 longitudinal=plan.longitudinal, **plan.columns)
+    plan.no_freesurfer = list(report["no_freesurfer"])
+    if plan.no_freesurfer and not table.empty:
+        _say(f"normdiff-bids: warning: {len(plan.no_freesurfer)} participant/session row(s) of "
+             f"{plan.bids_dir} have no FreeSurfer folder in {report['fs_dir']} and are left out: "
+             f"{preview(plan.no_freesurfer)} (the run record lists them all)", always=True)
     if plan.participant_label:
         found = {str(p).removeprefix("sub-") for p in table["participant_id"]}
         unknown = [p for p in plan.participant_label if p not in found]

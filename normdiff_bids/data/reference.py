@@ -44,13 +44,18 @@ def select_reference(table: pd.DataFrame, participants=None, query: str | None =
     return reference
 
 
+def _blank_as_missing(value):
+    return (value.strip() or None) if isinstance(value, str) else value
+
+
 def read_participants_table(path: Path) -> pd.DataFrame:
-    """participants.tsv with inferred column types (numbers as numbers), ``n/a`` as missing.
+    """participants.tsv with inferred column types (numbers as numbers), ``n/a`` and empty cells as
+    missing (as the covariate reader has them).
 
     A UTF-8 byte-order mark and Windows line ends are accepted.
     """
     try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False,
+        table = pd.read_csv(path, sep="\t", na_values=["n/a", ""], keep_default_na=False,
                             dtype={"participant_id": str}, encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{path}: file not found; the reference query is evaluated on participants.tsv") \
@@ -59,8 +64,13 @@ def read_participants_table(path: Path) -> pd.DataFrame:
         raise InputError(f"{path}: not a valid tab-separated table ({exc})") from None
     table.columns = [str(c).strip() for c in table.columns]
     for column in table.columns:
-        if table[column].dtype == object:
-            table[column] = table[column].str.strip()
+        if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
+            values = table[column].astype(object).map(_blank_as_missing)
+            values = values.where(values != "n/a", None)
+            numbers = pd.to_numeric(values, errors="coerce")
+            # a column of numbers whose blanks were padded with spaces is still a column of numbers
+            table[column] = numbers if column != "participant_id" and values.notna().any() \
+                and numbers.notna().sum() == values.notna().sum() else values
     return table
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from normdiff_bids.conventions import ID_COLUMNS, preview
 from normdiff_bids.errors import InputError
 from normdiff_bids.model.sampling import (
     GRID_STEP_FRACTION,
@@ -47,9 +48,16 @@ class _PredictionMixin:
         finite = np.where(np.isfinite(cont), cont, 0)
         extrapolated = (schema.out_of_range(finite) | schema.out_of_level_range(finite, cat)) & ~missing
         if missing.any():
-            rows = list(table.index[missing][:5])
-            warnings.warn(f"{int(missing.sum())} rows have a missing covariate and get no scores "
-                          f"(NaN), e.g. rows {rows}", stacklevel=3)
+            ids = [c for c in ID_COLUMNS if c in table.columns]
+            named = table.index[missing]
+            if ids:
+                named = table.loc[missing, ids].apply(lambda r: "_".join(map(str, r.dropna())), axis=1)
+            rows = table.loc[missing]
+            columns = [c for c in self.covariates if c in rows.columns and rows[c].isna().any()]
+            count = int(missing.sum())
+            warnings.warn(f"{count} {'row has' if count == 1 else 'rows have'} a missing covariate "
+                          f"({', '.join(columns) or 'an unseen level'}) and {'gets' if count == 1 else 'get'} no scores (NaN): "
+                          f"{preview([str(v) for v in named])}", stacklevel=3)
         return cont, cat, missing, extrapolated
 
     def _use_grid(self) -> bool:
