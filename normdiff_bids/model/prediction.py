@@ -55,8 +55,9 @@ class _PredictionMixin:
             rows = table.loc[missing]
             columns = [c for c in self.covariates if c in rows.columns and rows[c].isna().any()]
             count = int(missing.sum())
-            warnings.warn(f"{count} {'row has' if count == 1 else 'rows have'} a missing covariate "
-                          f"({', '.join(columns) or 'an unseen level'}) and {'gets' if count == 1 else 'get'} no scores (NaN): "
+            has, gets = ("row has", "gets") if count == 1 else ("rows have", "get")
+            warnings.warn(f"{count} {has} a missing covariate ({', '.join(columns) or 'an unseen level'}) "
+                          f"and {gets} no scores (NaN): "
                           f"{preview([str(v) for v in named])}", stacklevel=3)
         return cont, cat, missing, extrapolated
 
