@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
+from normdiff_bids.covariate_spec import CovariateSpecs
 from normdiff_bids.interfaces import (
     AdaptNormativeModel,
     CollectIDPs,
@@ -25,7 +26,8 @@ from normdiff_bids.interfaces import (
     WriteGroupTable,
 )
 
-DEFAULT_COVARIATES = ("age", "sex", "site")
+#: Names of the default covariates (``CovariateSpecs.default()``).
+DEFAULT_COVARIATES = CovariateSpecs.default().names
 
 
 def _optional(node: pe.Node, **values) -> None:
@@ -47,8 +49,8 @@ def _reserve(node: pe.Node, nprocs: int | None) -> None:
         node.inputs.num_threads = int(nprocs)
 
 
-def _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set, age_column, sex_column,
-                  site_column, longitudinal=False, idp_table=None, name="collect_idps") -> pe.Node:
+def _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set, covariates: CovariateSpecs,
+                  longitudinal=False, idp_table=None, name="collect_idps") -> pe.Node:
     """The node whose ``idp_table`` output is the selection's IDP table: it collects the dataset, or,
     with ``idp_table`` (the table the command line already collected while checking its inputs, written
     to a file), passes that file on, so that the dataset is not read twice."""
@@ -60,18 +62,19 @@ def _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set, a
         return node
     # The dataset is re-read on every run (a dataset re-generated at the same path must not come from the
     # cache); the workflows hash files by content, so an unchanged table still lets later steps resume.
-    node = pe.Node(CollectIDPs(bids_dir=os.fspath(bids_dir), idp_set=list(idp_set), age_column=age_column,
-                               sex_column=sex_column, site_column=site_column,
-                               longitudinal=bool(longitudinal), rescan=True), name=name)
+    node = pe.Node(CollectIDPs(bids_dir=os.fspath(bids_dir), idp_set=list(idp_set),
+                               covariates=covariates.to_list(), longitudinal=bool(longitudinal), rescan=True),
+                   name=name)
     _optional(node, fs_dir=os.fspath(fs_dir) if fs_dir else None,
               participant_label=list(participant_label or []), session_label=list(session_label or []))
     return node
 
 
 def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, session_label=None,
-                  idp_set: Sequence[str] = ("aseg",), covariates: Sequence[str] = DEFAULT_COVARIATES,
-                  age_column="age", sex_column="sex", site_column="site", reference_participants=None,
-                  reference_query=None, holdout_fraction=0.2, backbone="film-mlp", epochs=None,
+                  idp_set: Sequence[str] = ("aseg",),
+                  covariates: CovariateSpecs | Sequence[Mapping] | None = None,
+                  reference_participants=None, reference_query=None, holdout_fraction=0.2,
+                  backbone="film-mlp", epochs=None,
                   n_samples=None, seed=0, device="auto", use_gpu=False, model_name="default",
                   overwrite_model=False, unknown_site="error", model_options: Mapping | None = None,
                   subject_reports: Sequence[str] = (), nprocs: int | None = None, from_model=None,
@@ -89,14 +92,18 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
     IDPs every other IDP is also scored conditionally on (``<idp>_cond_centile``, ``<idp>_cond_z``).
     ``idp_table``: the IDP table already collected (a TSV), used instead of reading the dataset again.
     ``longitudinal``: read FreeSurfer's ``<timepoint>.long.<template>`` folders instead of the
-    cross-sectional ones.
+    cross-sectional ones. ``covariates``: the covariate specification
+    (:class:`~normdiff_bids.covariate_spec.CovariateSpecs` or its list form; default age, sex and site),
+    given to every node that reads, models or describes the covariates.
     """
     wf = _workflow(name)
-    collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set,
-                            age_column, sex_column, site_column, longitudinal, idp_table)
+    covariates = CovariateSpecs.coerce(covariates)
+    collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idp_set, covariates,
+                            longitudinal, idp_table)
     if from_model is None:
-        train = pe.Node(TrainNormativeModel(covariates=list(covariates), holdout_fraction=holdout_fraction,
-                                            backbone=backbone, seed=seed, device=device, use_gpu=use_gpu),
+        train = pe.Node(TrainNormativeModel(covariates=covariates.to_list(),
+                                            holdout_fraction=holdout_fraction, backbone=backbone,
+                                            seed=seed, device=device, use_gpu=use_gpu),
                         name="train_model")
         _optional(train, epochs=epochs, n_samples=n_samples,
                   model_options=dict(model_options) if model_options else None)
@@ -111,9 +118,10 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
                     name="score_all")
     _reserve(score, nprocs)
     _optional(score, n_samples=n_samples, condition_on=list(condition_on))
-    ds_table = pe.Node(WriteGroupTable(output_dir=os.fspath(output_dir)), name="ds_group_table")
-    report = pe.Node(GroupReport(output_dir=os.fspath(output_dir), model_name=model_name),
-                     name="group_report")
+    ds_table = pe.Node(WriteGroupTable(output_dir=os.fspath(output_dir), covariates=covariates.to_list()),
+                       name="ds_group_table")
+    report = pe.Node(GroupReport(output_dir=os.fspath(output_dir), model_name=model_name,
+                                 covariates=covariates.to_list()), name="group_report")
     _optional(report, subject_reports=list(subject_reports))
     install = pe.Node(InstallModel(output_dir=os.fspath(output_dir), model_name=model_name,
                                    overwrite=overwrite_model), name="ds_model")
@@ -142,7 +150,7 @@ def selection_name(subjects: Sequence[Mapping], model_dir, scores=None) -> str:
 
 def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[Mapping], fs_dir=None,
                         participant_label=None, session_label=None, longitudinal=False, idps: Sequence[str],
-                        age_column="age", sex_column="sex", site_column="site", n_samples=None,
+                        covariates: CovariateSpecs | Sequence[Mapping] | None = None, n_samples=None,
                         unknown_site="error", device="auto", use_gpu=False, nprocs: int | None = None,
                         scores=None, batches: int | None = None, condition_on: Sequence[str] = (),
                         idp_table=None, reports_only: bool = False, name=None) -> pe.Workflow:
@@ -162,7 +170,11 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
     ``condition_on``: IDPs the other IDPs are also scored conditionally on. ``idp_table``: the
     selection's IDP table already collected (a TSV), used instead of reading the dataset again.
     ``reports_only``: with ``scores``, only the reports are re-written (tables and maps stay).
+    ``covariates``: the covariate specification, as the model needs it
+    (:meth:`CovariateSpecs.for_model <normdiff_bids.covariate_spec.CovariateSpecs.for_model>`; default
+    age, sex and site).
     """
+    covariates = CovariateSpecs.coerce(covariates)
     wf = _workflow(name or selection_name(subjects, model_dir, scores))
     if scores is not None:
         from nipype.interfaces.utility import IdentityInterface
@@ -170,8 +182,8 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
         score = pe.Node(IdentityInterface(fields=["scores"]), name="scored")
         score.inputs.scores = os.fspath(scores)
     else:
-        collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idps,
-                                age_column, sex_column, site_column, longitudinal, idp_table)
+        collect = _collect_node(bids_dir, fs_dir, participant_label, session_label, idps, covariates,
+                                longitudinal, idp_table)
         score = pe.Node(ScoreDeviations(model_dir=os.fspath(model_dir), unknown_site=unknown_site,
                                         device=device, use_gpu=use_gpu), name="score")
         _reserve(score, nprocs)
@@ -182,7 +194,7 @@ def init_participant_wf(*, bids_dir, output_dir, model_dir, subjects: Sequence[M
     for batch in subject_batches(subjects, batches):
         node = pe.Node(SubjectOutputs(output_dir=os.fspath(output_dir), model_dir=os.fspath(model_dir),
                                       subjects=[_plain(s) for s in batch], num_threads=1,
-                                      reports_only=bool(reports_only)),
+                                      reports_only=bool(reports_only), covariates=covariates.to_list()),
                        name=batch_name(batch))
         wf.connect(score, "scores", node, "scores")
     return wf

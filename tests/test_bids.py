@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from normdiff_bids.conventions import clean_label
+from normdiff_bids.covariate_spec import CovariateSpecs
 from normdiff_bids.data.bids import (
     CovariateColumns,
     bids_subjects_sessions,
@@ -125,3 +126,29 @@ def test_freesurfer_folders_keep_longitudinal_apart(tmp_path):
     long = match_freesurfer_subject(folders, "sub-02", "ses-1", n_sessions=2, longitudinal=True)
     assert long.longitudinal and long.path.name == "sub-02_ses-1.long.sub-02_base"
     assert match_freesurfer_subject(folders, "sub-02", "ses-2", n_sessions=2, longitudinal=True) is None
+
+
+def test_further_covariates_are_read_by_kind_given_or_inferred(tmp_path):
+    root = _dataset(tmp_path / "ds", "participant_id\tage\tsex\tsite\ttiv\tfield\tgroup\n"
+                                     "sub-01\t30\tF\tA\t1500.5\t3\tx\nsub-02\t40\tM\tB\tn/a\t1.5\ty\n")
+    spec = CovariateSpecs.from_options(covariates=["tiv", "field:categorical", "group"])
+    cov = read_covariates(root, columns=spec)
+    table = cov.participants
+    assert list(table.columns) == ["participant_id", "age", "sex", "site", "tiv", "field", "group"]
+    assert table["tiv"].iloc[0] == 1500.5 and np.isnan(table["tiv"].iloc[1])
+    assert list(table["field"]) == ["3", "1.5"]  # declared categorical: kept as written
+    assert cov.spec.kinds == {"age": "continuous", "sex": "categorical", "site": "categorical",
+                              "tiv": "continuous", "field": "categorical", "group": "categorical"}
+
+
+def test_a_further_covariate_that_is_missing_or_not_numeric_is_named_with_the_fix(tmp_path):
+    root = _dataset(tmp_path / "ds", "participant_id\tage\tsex\tsite\ttiv\nsub-01\t30\tF\tA\tbig\n"
+                                     "sub-02\t40\tM\tB\t1400\n")
+    spec = CovariateSpecs.from_options(covariates=["tiv:continuous", "handedness"])
+    with pytest.raises(InputError) as err:
+        read_covariates(root, columns=spec)
+    text = str(err.value)
+    assert ("line 2, column 'tiv': 'big' is not a number; the covariate 'tiv' is continuous: write numbers "
+            "(or n/a when unknown), or declare it with --covariate tiv:categorical") in text
+    assert ("no 'handedness' column for the covariate 'handedness'; columns are ['participant_id', 'age', "
+            "'sex', 'site', 'tiv'] (add the column, or leave out --covariate handedness") in text

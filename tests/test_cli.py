@@ -178,6 +178,48 @@ def test_condition_on_adds_conditional_columns_sidecars_and_a_report_section(bid
     assert f"Given {given}" in html and "given: centile" in html
 
 
+@pytest.mark.slow
+def test_further_covariates_reach_the_model_the_tables_and_the_reports(group_out, tmp_path_factory, tmp_path):
+    from product_helpers import copy_bids, rewrite_participants
+
+    bids = copy_bids(tmp_path_factory, tmp_path / "bids")
+    rng = np.random.default_rng(5)
+
+    def add(table):  # a scanner coded with numbers (categorical only when declared) and a head size
+        table["scanner_field"] = rng.choice(["15", "30"], size=len(table))
+        table["tiv"] = [f"{v:.1f}" for v in rng.normal(1500, 120, len(table))]
+        return table
+
+    rewrite_participants(bids, add)
+    out = tmp_path / "normdiff"
+    status = main([str(bids), str(out), "group", *TINY_ARGS, "--reference-query", "diagnosis == 'HC'",
+                   "--covariate", "tiv", "scanner_field:categorical"])
+    assert status == 0
+    card = json.loads((out / "models" / "default_modelcard.json").read_text())
+    kinds = {c["name"]: c["kind"] for c in card["covariates"]}
+    assert kinds == {"age": "continuous", "tiv": "continuous", "sex": "categorical", "site": "categorical",
+                     "scanner_field": "categorical"}
+    assert next(c for c in card["covariates"] if c["name"] == "scanner_field")["levels"] == ["15", "30"]
+    table = read_scores_table(out / "phenotype" / "normdiff_deviations.tsv")
+    assert list(table.columns[:6]) == ["participant_id", "age", "sex", "site", "tiv", "scanner_field"]
+    default = read_scores_table(group_out / "phenotype" / "normdiff_deviations.tsv")
+    z = [f"{i}_z" for i in IDPS]
+    assert not np.allclose(table[z].to_numpy(float), default[z].to_numpy(float))  # the model changed
+    sidecar = json.loads((out / "phenotype" / "normdiff_deviations.json").read_text())
+    assert set(sidecar["scanner_field"]["Levels"]) == {"15", "30"}
+    assert "continuous" in sidecar["tiv"]["Description"]
+    assert "<h3>scanner_field</h3>" in (out / "group.html").read_text()
+    record = json.loads(next((out / "logs").glob("run-*.json")).read_text())
+    assert [c["name"] for c in record["resolved"]["covariates"]] == ["age", "sex", "site", "tiv",
+                                                                     "scanner_field"]
+    # the participant level takes the covariates from the model, and scores a row as the group level did
+    assert main([str(bids), str(out), "participant", "--participant-label", "001", *TINY_ARGS]) == 0
+    alone = read_scores_table(out / "sub-001" / "anat" / "sub-001_desc-deviations_scores.tsv")
+    row = table.set_index("participant_id").loc["sub-001"]
+    assert alone["z"].to_numpy() == pytest.approx(row[z].to_numpy(float), abs=1e-9)
+    assert 'alt="centile curves"' in (out / "sub-001.html").read_text()
+
+
 def test_reports_only_rewrites_reports_and_nothing_else(bids, group_out, tmp_path):
     out = tmp_path / "normdiff"
     shutil.copytree(group_out, out)

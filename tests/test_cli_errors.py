@@ -378,3 +378,38 @@ def test_condition_on_every_idp(capsys, bids, out):
     idps = load_model(out / "models" / "default").idps_
     message = refused(capsys, participant(bids, out, "--condition-on", *idps), out)
     assert "names every one of the model's" in message
+
+
+@pytest.mark.parametrize("option, edit, expected", [
+    ("tiv", None, "no 'tiv' column for the covariate 'tiv'; columns are"),
+    ("diagnosis:continuous", None, "'HC' is not a number; the covariate 'diagnosis' is continuous"),
+    ("participant_id", None, "'participant_id' is an id column of the IDP table, not a covariate"),
+    ("joint_z", "joint_z", "covariate 'joint_z' (--covariate) has the name of a column of the score tables"),
+    ("Left-Hippocampus", "Left-Hippocampus", "has the name of an IDP of the selection"),
+    ("sex", None, "'sex' is the name of the sex covariate; choose its participants.tsv column with "
+                  "--sex-column"),
+])
+def test_a_further_covariate_that_cannot_be_used_is_refused_naming_it(capsys, tmp_path_factory, tmp_path,
+                                                                      option, edit, expected):
+    bids = copy_bids(tmp_path_factory, tmp_path / "bids")
+    if edit:
+        rewrite_participants(bids, lambda t: t.assign(**{edit: "1"}))
+    out = tmp_path / "out"
+    message = refused(capsys, [str(bids), str(out), "group", *TINY_ARGS, "--covariate", option], out)
+    assert expected in message
+
+
+def test_a_covariate_kind_that_does_not_exist_is_a_usage_error(capsys, bids, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(bids), str(tmp_path / "out"), "group", *TINY_ARGS, "--covariate", "tiv:numeric"])
+    assert exit_.value.code == 2
+    assert "'numeric' is not a kind; write COLUMN, COLUMN:continuous or COLUMN:categorical" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_further_covariate_the_model_lacks_is_refused_at_the_participant_level(capsys, bids, out):
+    message = refused(capsys, participant(bids, out, "--participant-label", "001", "--covariate",
+                                          "diagnosis"), out)
+    assert ("covariate 'diagnosis' (--covariate) is not one of the model's covariates (age, sex, site); "
+            "leave out --covariate diagnosis") in message

@@ -173,12 +173,25 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path):
     assert parse_args(["in", "out", "group"]).n_samples is None  # no file, no change
 
 
+def test_covariates_repeat_on_the_command_line_and_replace_the_config_files(tmp_path):
+    from normdiff_bids.cli.parser import parse_args
+
+    config = tmp_path / "normdiff.toml"
+    config.write_text('covariate = ["tiv", "scanner:categorical"]\n')
+    assert parse_args(["in", "out", "group", "--config-file", str(config)]).covariate == \
+        ["tiv", "scanner:categorical"]
+    given = ["in", "out", "group", "--config-file", str(config), "--covariate", "a", "--covariate", "b", "c"]
+    assert parse_args(given).covariate == ["a", "b", "c"]
+    assert parse_args(["in", "out", "group"]).covariate == []
+
+
 @pytest.mark.parametrize("text, expected", [
     ("n-sampels = 300\n", "'n-sampels' is not an option; did you mean 'n-samples'?"),
     ("n-samples = 'many'\n", "n-samples = 'many': 'many' is not a whole number"),
     ("quiet = 'yes'\n", "quiet = 'yes': use true or false"),
     ("unknown-site = 'guess'\n", "choose from error, marginal"),
     ("n-samples = \n", "is not valid TOML"),
+    ("covariate = ['tiv:numeric']\n", "'numeric' is not a kind"),
 ])
 def test_bad_config_files_are_refused_by_key(capsys, tmp_path, text, expected):
     from normdiff_bids.cli.run import main

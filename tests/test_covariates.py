@@ -118,3 +118,36 @@ def test_encoder_shapes_and_site_dropout(train):
     frac = (out[:, -4:] == unknown_site).all(dim=1).float().mean().item()
     assert 0.45 < frac < 0.55
     torch.testing.assert_close(out[:, 1:4], cond[:, 1:4].repeat(500, 1))
+
+
+def test_a_declared_kind_wins_over_the_columns_dtype(train):
+    # scanner_field is coded with numbers (1.5, 3.0): inferred continuous, declared categorical
+    schema = CovariateSchema.from_table(train, ["age", "sex", "scanner_field"],
+                                        kinds={"scanner_field": "categorical"})
+    assert [c.name for c in schema.categorical] == ["sex", "scanner_field"]
+    assert schema.categorical[1].levels == ["1.5", "3"]
+    _, cat = schema.encode(train)
+    np.testing.assert_array_equal(cat[:, 1], [1, 2, 2, 1, 2, 2])
+    with pytest.raises(InputError, match="covariate 'site' must be numeric"):
+        CovariateSchema.from_table(train, ["age", "site"], kinds={"site": "continuous"})
+    with pytest.raises(InputError, match=r"kinds are given for \['tiv'\], which are not covariates"):
+        CovariateSchema.from_table(train, ["age"], kinds={"tiv": "continuous"})
+
+
+def test_the_estimator_honours_declared_kinds_and_keeps_them_in_the_bundle(train, tmp_path):
+    from normdiff_bids import NormativeDiffusion, load_model
+
+    rng = np.random.default_rng(0)
+    table = pd.concat([train] * 5, ignore_index=True)
+    table["age"] += rng.normal(0, 1, len(table))
+    table["idp"] = rng.normal(0, 1, len(table))
+    model = NormativeDiffusion(covariates=("age", "sex", "scanner_field"), seed=0, device="cpu", epochs=1,
+                               n_samples=20, validation_fraction=0.0, verbose=False, draw_table="off",
+                               calibration="off", backbone_config={"hidden": 8, "n_blocks": 1},
+                               covariate_kinds={"scanner_field": "categorical"}).fit(table)
+    kinds = {c["name"]: c["kind"] for c in model.model_card()["covariates"]}
+    assert kinds == {"age": "continuous", "sex": "categorical", "scanner_field": "categorical"}
+    model.save(tmp_path / "m")
+    assert load_model(tmp_path / "m").covariate_kinds == {"scanner_field": "categorical"}
+    with pytest.raises(ValueError, match="covariate_kinds="):
+        NormativeDiffusion(covariate_kinds=["scanner_field"]).fit(table)

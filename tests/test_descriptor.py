@@ -73,7 +73,8 @@ def test_a_simulated_invocation_parses_to_what_it_says(tmp_path, descriptor):
     invocation = {"bids_dir": "/data/bids", "output_dir": "/data/bids/derivatives/normdiff",
                   "analysis_level": ["group", "participant"], "participant_label": ["01", "02"],
                   "reference_query": "diagnosis == 'HC'", "backbone": "saint", "epochs": 5, "n_samples": 200,
-                  "seed": 3, "device": "cpu", "quiet": True, "overwrite_model": True}
+                  "seed": 3, "device": "cpu", "quiet": True, "overwrite_model": True,
+                  "covariate": ["tiv", "scanner:categorical"]}
     path = tmp_path / "invocation.json"
     path.write_text(json.dumps(invocation))
     result = subprocess.run([_bosh(), "exec", "simulate", "-i", str(path), str(DESCRIPTOR)],
@@ -87,6 +88,7 @@ def test_a_simulated_invocation_parses_to_what_it_says(tmp_path, descriptor):
     assert opts.reference_query == "diagnosis == 'HC'"
     assert (opts.backbone, opts.epochs, opts.n_samples, opts.seed, opts.device) == ("saint", 5, 200, 3, "cpu")
     assert opts.quiet and opts.overwrite_model
+    assert opts.covariate == ["tiv", "scanner:categorical"]
 
 
 def test_descriptor_backbone_choices_are_the_registry(descriptor):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -149,3 +150,28 @@ def test_per_idp_verdicts_hold_for_a_calibrated_model_and_fail_for_a_shifted_one
         assert shifted["PIT-KS per IDP"]["bad"] and shifted["PIT-KS per IDP"]["hint"].startswith("FAILS")
         wide = cards(ndtr(z / 1.5))
         assert wide["coverage of 95% interval"]["bad"]
+
+
+def test_centile_curves_hold_a_categorical_covariate_coded_with_numbers_at_its_most_common_level():
+    from types import SimpleNamespace
+
+    from normdiff_bids.evaluation.evaluate import centile_curves
+
+    class Recorder:
+        covariates = ("age", "sex", "field", "tiv")
+        covariate_schema_ = SimpleNamespace(categorical=[SimpleNamespace(name="sex"),
+                                                         SimpleNamespace(name="field")])
+        grids = []
+
+        def predict_quantiles(self, grid, q):
+            self.grids.append(grid)
+            columns = pd.MultiIndex.from_product([["idp"], list(q)])
+            return pd.DataFrame(np.zeros((len(grid), len(q))), columns=columns)
+
+    train = pd.DataFrame({"age": [20.0, 30.0, 40.0, 50.0], "sex": ["F", "M", "F", "M"],
+                          "field": [1, 2, 9, 9], "tiv": [1.0, 2.0, 3.0, 10.0]})
+    model = Recorder()
+    centile_curves(model, train, list(model.covariates), ["idp"], centiles=(0.5,), n_ages=3)
+    grid = model.grids[0]
+    assert set(grid["field"]) == {9}  # its most common level, not its median 5.5
+    assert set(grid["tiv"]) == {2.5}   # a continuous covariate at its median

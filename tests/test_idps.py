@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from normdiff_bids.covariate_spec import CovariateSpecs
 from normdiff_bids.data.atlases import DK_REGIONS
 from normdiff_bids.data.idps import ASEG_ALWAYS_ZERO, IDP_SETS, collect_idps, select_idps
 from normdiff_bids.data.synthetic import SyntheticCohort, load_ground_truth, write_synthetic_dataset
@@ -180,3 +181,21 @@ def test_custom_covariate_columns_and_no_site(copy):
                           site_column=None)
     assert list(out.columns) == ["participant_id", "age", "sex", "Left-Hippocampus"]
     np.testing.assert_allclose(out["age"], table["age"])
+
+
+def test_further_covariates_join_the_table_under_their_names(copy):
+    rows = pd.read_csv(copy / "participants.tsv", sep="\t", dtype=str)
+    rows["tiv"] = [str(1400 + 10 * i) for i in range(len(rows))]
+    rows["Left-Hippocampus"] = "1"
+    rows.to_csv(copy / "participants.tsv", sep="\t", index=False)
+    spec = CovariateSpecs.from_options(covariates=["tiv"])
+    out, report = collect_idps(copy, idp_set="Left-Hippocampus", covariates=spec)
+    assert list(out.columns) == ["participant_id", "age", "sex", "site", "tiv", "Left-Hippocampus"]
+    assert out["tiv"].dtype == float and out["tiv"].iloc[0] == 1400
+    assert CovariateSpecs.from_list(report["covariates"]).kinds["tiv"] == "continuous"
+    with pytest.raises(InputError, match="covariate 'Left-Hippocampus' .* has the name of an IDP of the "
+                                         "selection"):
+        collect_idps(copy, idp_set="Left-Hippocampus",
+                     covariates=CovariateSpecs.from_options(covariates=["Left-Hippocampus"]))
+    with pytest.raises(InputError, match="either as age_column/sex_column/site_column .* or as covariates="):
+        collect_idps(copy, idp_set="Left-Hippocampus", age_column="Age", covariates=spec)

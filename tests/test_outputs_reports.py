@@ -110,6 +110,17 @@ def test_group_report_embeds_the_model_card_and_the_calibration_report(rendered)
     assert _external_references(html) == []
 
 
+def test_group_report_summarises_each_covariate_by_its_kind(rendered, tmp_path):
+    from normdiff_bids.covariate_spec import CovariateSpecs
+
+    wide = rendered["wide"].assign(field=[3, 15, 15], tiv=[1400.0, 1500.0, 1650.0])
+    spec = CovariateSpecs.from_options(covariates=["field:categorical", "tiv:continuous"])
+    html = write_group_report(tmp_path, wide, covariates=spec.to_list()).read_text()
+    assert "<h3>field</h3>" in html and "<h3>site</h3>" in html  # level counts of the categorical ones
+    assert "tiv (min / median / max)" in html and "1,400.0 / 1,500.0 / 1,650.0" in html
+    assert "age (min / median / max)" in html
+
+
 def test_group_report_without_calibration_says_so(tmp_path):
     tidy, cov = tiny_scores()
     html = write_group_report(tmp_path, tidy).read_text()

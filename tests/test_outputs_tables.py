@@ -152,6 +152,26 @@ def test_descriptions_cover_unknown_covariates():
     assert "education" in desc["education"]["Description"]
 
 
+def test_descriptions_follow_the_covariate_specification(tmp_path):
+    from normdiff_bids.covariate_spec import CovariateSpecs
+
+    tidy, cov = tiny_scores()
+    cov["field"] = [3, 3, 15]  # coded with numbers, declared categorical
+    cov["tiv"] = [1400.0, 1500.0, 1600.0]
+    spec = CovariateSpecs.from_options(sex_column="gender", covariates=["field:categorical", "tiv"])
+    spec = spec.resolved({"tiv": "continuous"})
+    wide = scores_to_wide(tidy, cov)
+    path = write_group_table(tmp_path, wide, covariates=spec.to_list())[0]
+    desc = json.loads(path.with_suffix(".json").read_text())
+    assert desc["field"]["Levels"] == {"15": "field 15", "3": "field 3"}
+    assert "categorical" in desc["field"]["Description"] and "'field'" in desc["field"]["Description"]
+    assert "Levels" not in desc["tiv"] and "continuous" in desc["tiv"]["Description"]
+    assert desc["sex"]["Description"] == "Sex as given in participants.tsv column 'gender' (model covariate)"
+    # the default specification describes age, sex and site exactly as without one
+    default = wide.drop(columns=["field", "tiv"])
+    assert column_descriptions(default, covariates=CovariateSpecs.default()) == column_descriptions(default)
+
+
 def test_the_old_import_path_gives_the_same_functions():
     from normdiff_bids.outputs import score_files, score_tables, sidecars
 

@@ -104,3 +104,32 @@ def test_participant_wf_can_take_rows_already_scored(tmp_path):
     assert not [n for n in nodes if n.endswith((".score", ".collect_idps"))]  # nothing is scored again
     assert nodes[f"{wf.name}.scored"].inputs.scores == str(scores)
     assert wf.name != selection_name(SUBJECTS[:1], tmp_path / "model")
+
+
+def test_one_covariate_specification_reaches_every_node_that_reads_models_or_describes_covariates(tmp_path):
+    from normdiff_bids.covariate_spec import CovariateSpecs
+
+    spec = CovariateSpecs.from_options(age_column="Age", site_column="none",
+                                       covariates=["tiv:continuous", "field:categorical"])
+    wf = init_group_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", covariates=spec)
+    _, nodes = _edges(wf)
+    for node in ("collect_idps", "train_model", "ds_group_table", "group_report"):
+        assert CovariateSpecs.from_list(nodes[f"{wf.name}.{node}"].inputs.covariates) == spec, node
+    (tmp_path / "model").mkdir()
+    wf = init_participant_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", model_dir=tmp_path / "model",
+                             subjects=SUBJECTS, idps=["Left-Hippocampus"], covariates=spec.to_list())
+    _, nodes = _edges(wf)
+    writers = [n for n in nodes if ".subject_outputs_" in n]
+    for node in [f"{wf.name}.collect_idps", *writers]:
+        assert CovariateSpecs.from_list(nodes[node].inputs.covariates) == spec, node
+
+
+def test_the_training_node_takes_names_or_a_specification():
+    from normdiff_bids.covariate_spec import CovariateSpecs
+    from normdiff_bids.interfaces.model import covariate_settings
+
+    assert covariate_settings(["age", "sex"]) == (["age", "sex"], None)
+    spec = CovariateSpecs.from_options(covariates=["tiv"])
+    assert covariate_settings(spec.to_list()) == (["age", "sex", "site", "tiv"], spec)
+    assert interfaces.TrainNormativeModel(covariates=["age", "sex"]).inputs.covariates == ["age", "sex"]
+    assert interfaces.TrainNormativeModel(covariates=spec.to_list()).inputs.covariates == spec.to_list()

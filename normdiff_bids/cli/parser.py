@@ -55,6 +55,28 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _covariate(text: str) -> str:
+    """``COLUMN[:KIND]`` of ``--covariate``, checked (the covariate itself is built by the run)."""
+    from normdiff_bids.covariate_spec import parse_covariate_option
+    from normdiff_bids.errors import InputError
+
+    try:
+        spec = parse_covariate_option(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--covariate ", "", 1)) from None
+    return spec.column if spec.kind is None else f"{spec.column}:{spec.kind}"
+
+
+class _Repeatable(argparse.Action):
+    """``--opt A B --opt C`` gives ``[A, B, C]``; the command line's values replace a config file's."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        # still the default object (the parser's or a config file's): the first use on the command line
+        items = [] if current is self.default or current is None else list(current)
+        setattr(namespace, self.dest, items + list(values))
+
+
 def _device(text: str) -> str:
     if not _DEVICE.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
@@ -118,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--sex-column", default="sex", help="participants.tsv column holding sex")
     sel.add_argument("--site-column", default="site",
                      help="participants.tsv column holding the acquisition site ('none' if there is none)")
+    sel.add_argument("--covariate", nargs="+", action=_Repeatable, type=_covariate, default=[],
+                     metavar="COLUMN[:KIND]",
+                     help="a further participants.tsv column the model is conditioned on, besides age, sex "
+                          "and site (repeatable); KIND is continuous or categorical, inferred from the "
+                          "values when left out (numbers: continuous), e.g. --covariate tiv "
+                          "scanner:categorical")
 
     mod = parser.add_argument_group("Model")
     mod.add_argument("--model", type=Path, default=None,

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from normdiff_bids.cli.parser import parse_args
 from normdiff_bids.conventions import preview
+from normdiff_bids.covariate_spec import CovariateSpecs
 from normdiff_bids.errors import InputError, NormdiffError, OutputError, ProblemCollector
 
 #: Error classes whose message is written for the user; a node crash carrying one of them is shown as it.
 _ERROR_PATTERN = re.compile(r"^([ \t]*)(?:normdiff_bids\.[\w.]+\.)?(\w*Error): ", re.MULTILINE)
-_COVARIATE_NAMES = ("age", "sex", "site")
 
 
 @dataclass
@@ -39,9 +39,10 @@ class Plan:
     participant_label: list[str] | None
     session_label: list[str] | None
     fs_dir: Path | None
-    covariates: list[str]
+    #: The covariates: from the command line, then with the kinds read from participants.tsv (group
+    #: level) or as the model has them (participant level, --from-model).
+    covariates: CovariateSpecs
     longitudinal: bool = False  # read FreeSurfer's <timepoint>.long.<template> folders, not sub-X[_ses-Y]
-    columns: dict = field(default_factory=dict)
     reference_participants: list[str] | None = None
     model_dir: Path | None = None
     model_options: dict | None = None
@@ -151,8 +152,8 @@ def run_description(opts, plan: Plan, argv: list[str] | None = None) -> dict:
         "bids_dir": plan.bids_dir, "output_dir": plan.output_dir, "fs_dir": fs_dir,
         "longitudinal": plan.longitudinal, "analysis_levels": plan.levels,
         "participant_label": plan.participant_label, "session_label": plan.session_label,
-        "model_dir": plan.model_dir, "model_options": plan.model_options, "covariates": plan.covariates,
-        "columns": plan.columns, "use_gpu": _uses_gpu(opts.device),
+        "model_dir": plan.model_dir, "model_options": plan.model_options,
+        "covariates": plan.covariates.to_list(), "use_gpu": _uses_gpu(opts.device),
         "n_rows": int(len(plan.table)) if plan.table is not None else None,
         "n_reference_participants": (len(plan.reference_participants)
                                      if plan.reference_participants is not None else None),
@@ -240,8 +241,7 @@ def group_workflow(opts, plan: Plan, work_dir: Path | None = None):
         participant_label=plan.participant_label, session_label=plan.session_label,
         longitudinal=plan.longitudinal,
         idp_set=list(plan.base_model.idps_) if plan.base_model is not None else opts.idp_set,
-        covariates=plan.covariates, **plan.columns,
-        reference_participants=plan.reference_participants,
+        covariates=plan.covariates, reference_participants=plan.reference_participants,
         holdout_fraction=opts.holdout_fraction, backbone=opts.backbone, epochs=opts.epochs,
         n_samples=opts.n_samples, seed=opts.seed, device=opts.device,
         model_name=opts.model_name, overwrite_model=opts.overwrite_model,
@@ -270,8 +270,8 @@ def participant_workflow(opts, plan: Plan, work_dir: Path | None = None):
         bids_dir=plan.bids_dir, output_dir=plan.output_dir, model_dir=plan.model_dir,
         subjects=plan.rows, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
         session_label=plan.session_label, longitudinal=plan.longitudinal, idps=list(plan.model.idps_),
-        **plan.columns,
-        n_samples=opts.n_samples, unknown_site=opts.unknown_site, device=opts.device,
+        covariates=plan.covariates, n_samples=opts.n_samples, unknown_site=opts.unknown_site,
+        device=opts.device,
         use_gpu=_uses_gpu(opts.device), nprocs=_node_threads(opts), scores=scores,
         condition_on=opts.condition_on or (),
         idp_table=None if scores is not None else _checked_table(plan, work_dir, "participant"),
@@ -327,11 +327,8 @@ def check_inputs(opts, levels) -> Plan:
                      "(or score against an adapted model with --model)")
     problems.raise_if_any(header="the command line names inputs that cannot be used")
 
-    site = None if opts.site_column.lower() == "none" else opts.site_column
-    columns = {"age_column": opts.age_column, "sex_column": opts.sex_column, "site_column": site}
-    covariates = [c for c in _COVARIATE_NAMES if c != "site" or site is not None]
     plan = Plan(bids_dir=bids_dir, output_dir=output_dir, levels=levels, participant_label=participant_label,
-                session_label=session_label, fs_dir=fs_dir, covariates=covariates, columns=columns,
+                session_label=session_label, fs_dir=fs_dir, covariates=covariate_spec(opts),
                 longitudinal=bool(getattr(opts, "longitudinal", False)))
     plan.model_dir = (opts.model.expanduser().absolute() if opts.model is not None
                       else output_dir / model_dir(opts.model_name))
@@ -364,6 +361,26 @@ def check_inputs(opts, levels) -> Plan:
     if getattr(opts, "reports_only", False):
         _check_reports_only(plan)
     return plan
+
+
+def covariate_spec(opts) -> CovariateSpecs:
+    """The covariates the command line names (``--age-column``, ``--sex-column``, ``--site-column``,
+    ``--covariate``), checked against the names the score tables use for themselves."""
+    from normdiff_bids.outputs.score_tables import SUBJECT_SCORE_COLUMNS, TIDY_COLUMNS
+
+    spec = CovariateSpecs.from_options(age_column=opts.age_column, sex_column=opts.sex_column,
+                                       site_column=opts.site_column,
+                                       covariates=getattr(opts, "covariate", None) or ())
+    spec.check_names({*TIDY_COLUMNS, *SUBJECT_SCORE_COLUMNS}, "a column of the score tables")
+    return spec
+
+
+def _model_covariates(plan: Plan, model) -> CovariateSpecs:
+    """The run's covariates as ``model`` needs them (its own, with the command line's columns)."""
+    schema = model.covariate_schema_
+    kinds = {**{c.name: "continuous" for c in schema.continuous},
+             **{c.name: "categorical" for c in schema.categorical}}
+    return plan.covariates.for_model(list(model.covariates), kinds)
 
 
 def validate_dataset(opts, plan: Plan) -> dict:
@@ -426,7 +443,7 @@ def _check_reports_only(plan: Plan) -> None:
 def _idp_columns(table, plan: Plan) -> list[str]:
     from normdiff_bids.interfaces.model import idp_columns
 
-    return idp_columns(table, plan.covariates)
+    return idp_columns(table, plan.covariates.names)
 
 
 def _check_condition_on(given, idps) -> None:
@@ -447,8 +464,9 @@ def _check_condition_on(given, idps) -> None:
 
 
 #: --model-options keys that the command line sets itself, and the option to use instead.
-_SET_BY_FLAGS = {"backbone": "--backbone", "covariates": "--site-column", "seed": "--seed",
-                 "device": "--device"}
+_SET_BY_FLAGS = {"backbone": "--backbone", "covariates": "--covariate (and --site-column)",
+                 "covariate_kinds": "--covariate COLUMN:KIND", "site_covariate": "--site-column",
+                 "seed": "--seed", "device": "--device"}
 #: Plugins that run the nodes on this machine (so its devices are the ones the nodes get).
 _LOCAL_PLUGINS = ("Linear", "MultiProc")
 
@@ -528,7 +546,8 @@ def _collect(plan: Plan, idp_set):
 
     table, report = collect_idps(plan.bids_dir, fs_dir=plan.fs_dir, participant_label=plan.participant_label,
                                  session_label=plan.session_label, idp_set=list(idp_set),
-                                 longitudinal=plan.longitudinal, **plan.columns)
+                                 longitudinal=plan.longitudinal, covariates=plan.covariates)
+    plan.covariates = CovariateSpecs.from_list(report["covariates"])  # every kind now known
     plan.no_freesurfer = list(report["no_freesurfer"])
     if plan.no_freesurfer and not table.empty:
         _say(f"normdiff-bids: warning: {len(plan.no_freesurfer)} participant/session row(s) of "
@@ -567,20 +586,22 @@ def _check_group(opts, plan: Plan) -> None:
         from normdiff_bids.model.normative import load_model
 
         plan.base_model = load_model(opts.from_model.expanduser().absolute(), device="cpu")
+        plan.covariates = _model_covariates(plan, plan.base_model)
     table = _collect(plan, plan.base_model.idps_ if plan.base_model is not None else opts.idp_set)
     plan.table = table
     plan.reference_participants = reference_participants(plan.bids_dir, opts.reference_query, table)
     reference = select_reference(table, participants=plan.reference_participants,
                                  min_rows=2 if plan.base_model is not None else MIN_REFERENCE_ROWS)
     train, _ = split_reference(reference, opts.holdout_fraction, opts.seed,
+                               strata=plan.covariates.names_of("site", "sex"),
                                min_train=2 if plan.base_model is not None else None)
     # Every row is scored by the group level: its covariates must be usable by a model trained on `train`
     # (or by the adapted model: the base model's levels plus the reference's new sites).
     if plan.base_model is None:
-        schema = CovariateSchema.from_table(train, plan.covariates)
+        schema = CovariateSchema.from_table(train, plan.covariates.names, kinds=plan.covariates.kinds)
     else:
         schema = _adapted_schema(plan.base_model, reference)
-    _check_covariates(schema, table, opts.unknown_site)
+    _check_covariates(schema, table, opts.unknown_site, plan.covariates.name_of("site"))
 
 
 def _adapted_schema(model, reference):
@@ -596,13 +617,13 @@ def _adapted_schema(model, reference):
     return schema
 
 
-def _check_covariates(schema, table, unknown_site: str) -> None:
-    """Every row's covariates can be encoded by ``schema`` (e.g. no site the model never saw)."""
+def _check_covariates(schema, table, unknown_site: str, site: str | None = "site") -> None:
+    """Every row's covariates can be encoded by ``schema`` (e.g. no ``site`` the model never saw)."""
     try:
         schema.encode(table, unknown=unknown_site)
     except InputError as exc:
         header = "the participants' covariates do not fit the model"
-        if any("'site'" in problem for problem in exc.problems):
+        if site is not None and any(f"covariate '{site}' has levels" in problem for problem in exc.problems):
             header += (" (on the command line, rows from an unseen site can be scored against the model's "
                        "mixture over sites with --unknown-site marginal)")
         raise InputError(exc.problems, header=header) from None
@@ -616,8 +637,9 @@ def _check_model(opts, plan: Plan, model_dir: Path):
         raise InputError(f"no model found at {model_dir}; run the group level first, or pass --model "
                          f"with a model folder written by it")
     model = load_model(model_dir, device="cpu")
+    plan.covariates = _model_covariates(plan, model)
     table = _collect(plan, model.idps_)
-    _check_covariates(model.covariate_schema_, table, opts.unknown_site)
+    _check_covariates(model.covariate_schema_, table, opts.unknown_site, plan.covariates.name_of("site"))
     plan.table, plan.model = table, model
     plan.rows = subject_rows(table, plan)
     return model, table

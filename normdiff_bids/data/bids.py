@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from normdiff_bids.conventions import SEX_ALIASES
+from normdiff_bids.covariate_spec import ROLE_OPTIONS, CovariateSpec, CovariateSpecs
 from normdiff_bids.errors import InputError, ProblemCollector
 
 #: Where FreeSurfer outputs are looked for, relative to the BIDS root, after an explicit ``--fs-dir``.
@@ -85,44 +86,54 @@ def read_tsv(path: Path) -> pd.DataFrame:
 
 @dataclass
 class CovariateColumns:
-    """Which participants.tsv/sessions.tsv columns hold age, sex and site (``site=None``: no site)."""
+    """Which participants.tsv/sessions.tsv columns hold age, sex and site (``site=None``: no site).
+
+    The shorthand of :class:`~normdiff_bids.covariate_spec.CovariateSpecs` for the three roles alone.
+    """
 
     age: str = "age"
     sex: str = "sex"
     site: str | None = "site"
 
     def as_dict(self) -> dict[str, str]:
-        out = {"age": self.age, "sex": self.sex}
-        if self.site is not None:
-            out["site"] = self.site
-        return out
+        return {spec.name: spec.column for spec in self.spec()}
+
+    def spec(self) -> CovariateSpecs:
+        return CovariateSpecs.from_options(age_column=self.age, sex_column=self.sex, site_column=self.site)
 
 
 @dataclass
 class Covariates:
     """Covariates per subject (``participants``) and, when age is per visit, per session (``sessions``)."""
 
-    participants: pd.DataFrame  # participant_id + standard covariate names (age, sex, site)
+    participants: pd.DataFrame  # participant_id + the covariates under their names (age, sex, site, ...)
     sessions: pd.DataFrame | None  # participant_id, session_id, age (when sessions.tsv carries it)
     notes: list[str] = field(default_factory=list)
+    #: The covariates read, every kind known (those not given were inferred from the values).
+    spec: CovariateSpecs = field(default_factory=CovariateSpecs.default)
 
 
 def read_covariates(bids_dir: str | Path, subjects: dict[str, list[str]] | None = None,
-                    columns: CovariateColumns | None = None,
+                    columns: CovariateColumns | CovariateSpecs | None = None,
                     problems: ProblemCollector | None = None) -> Covariates:
-    """Read ``participants.tsv`` (and ``sessions.tsv`` files) into covariates with standard names.
+    """Read ``participants.tsv`` (and ``sessions.tsv`` files) into covariates under their names.
 
+    ``columns``: the covariates to read (:class:`~normdiff_bids.covariate_spec.CovariateSpecs`, or the
+    :class:`CovariateColumns` of the three roles); default age, sex and site. Age and continuous
+    covariates become numbers, sex is normalised (:data:`~normdiff_bids.conventions.SEX_ALIASES`), other
+    categorical covariates are kept as written; a covariate of no given kind is continuous when every
+    value present is a number, else categorical (``Covariates.spec`` says which).
     Problems (missing file or column, duplicate participants, non-numeric ages) are added to
     ``problems`` when given (so a cohort's problems are reported together), else raised at once.
     """
     bids_dir = Path(bids_dir)
-    columns = columns or CovariateColumns()
+    spec = columns.spec() if isinstance(columns, CovariateColumns) else CovariateSpecs.coerce(columns)
     own = problems is None
     problems = problems if problems is not None else ProblemCollector()
     path = bids_dir / "participants.tsv"
     if not path.is_file():
         problems.add(f"{path} not found; add a participants.tsv with participant_id and "
-                     f"{', '.join(columns.as_dict().values())} columns")
+                     f"{', '.join(spec.columns)} columns")
         problems.raise_if_any(header="covariates could not be read")
     raw = read_tsv(path)
     if "participant_id" not in raw.columns:
@@ -147,35 +158,61 @@ def read_covariates(bids_dir: str | Path, subjects: dict[str, list[str]] | None 
     raw["participant_id"] = ids[in_scope].to_numpy()
 
     # Age may live in sessions.tsv instead (longitudinal data): look there before calling it missing.
-    sessions = _read_sessions(bids_dir, subjects or {}, columns.age, problems)
+    age = spec.role("age")
+    sessions = _read_sessions(bids_dir, subjects or {}, age.column, problems) if age is not None else None
     out = pd.DataFrame({"participant_id": raw["participant_id"].to_numpy()})
     lines = raw.index.to_numpy() + 2
-    for standard, column in columns.as_dict().items():
-        if column not in raw.columns:
-            if standard == "age" and sessions is not None:
-                out["age"] = np.nan
+    inferred: dict[str, str] = {}
+    for cov in spec:
+        if cov.column not in raw.columns:
+            if cov.role == "age" and sessions is not None:
+                out[cov.name] = np.nan
                 continue
-            problems.add(f"{path}, line 1: no {column!r} column for {standard}; columns are "
-                         f"{list(raw.columns)} (choose the column with --{standard}-column)")
+            problems.add(f"{path}, line 1: no {cov.column!r} column for {_covariate_text(cov)}; columns are "
+                         f"{list(raw.columns)} ({_column_fix(cov)})")
             continue
-        values = raw[column]
-        if standard == "age":
-            out["age"] = _numeric(values, path, column, lines, problems)
-        elif standard == "sex":
-            out["sex"] = [_normalise_sex(v) for v in values]
+        values = raw[cov.column]
+        if cov.role == "age":
+            out[cov.name] = _numeric(values, path, cov.column, lines, problems)
+        elif cov.role == "sex":
+            out[cov.name] = [_normalise_sex(v) for v in values]
+        elif cov.kind == "continuous":
+            out[cov.name] = _numeric(values, path, cov.column, lines, problems,
+                                     f"{_covariate_text(cov)} is continuous: write numbers (or n/a when "
+                                     f"unknown), or declare it with --covariate {cov.column}:categorical")
+        elif cov.kind is None and _all_numbers(values):
+            inferred[cov.name] = "continuous"
+            out[cov.name] = pd.to_numeric(values).to_numpy(dtype=float)
         else:
-            out[standard] = values.to_numpy()
+            inferred[cov.name] = "categorical"
+            out[cov.name] = values.to_numpy()
     if own:
         problems.raise_if_any(header="covariates could not be read")
-    return Covariates(participants=out, sessions=sessions)
+    return Covariates(participants=out, sessions=sessions, spec=spec.resolved(inferred))
 
 
-def _numeric(values: pd.Series, path: Path, column: str, lines, problems: ProblemCollector) -> np.ndarray:
+def _covariate_text(cov: CovariateSpec) -> str:
+    return cov.role if cov.role is not None else f"the covariate {cov.name!r}"
+
+
+def _column_fix(cov: CovariateSpec) -> str:
+    if cov.role is not None:
+        return f"choose the column with {ROLE_OPTIONS[cov.role]}"
+    return f"add the column, or leave out --covariate {cov.column} (and models trained with it)"
+
+
+def _all_numbers(values: pd.Series) -> bool:
+    """Every value present is a number (and one is present): the covariate is continuous."""
+    present = values.dropna()
+    return bool(len(present)) and bool(pd.to_numeric(present, errors="coerce").notna().all())
+
+
+def _numeric(values: pd.Series, path: Path, column: str, lines, problems: ProblemCollector,
+             fix: str = "write age in years as a number (or n/a when unknown)") -> np.ndarray:
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
     bad = np.isnan(numbers) & values.notna().to_numpy()
     for line, value in zip(lines[bad], values[bad]):
-        problems.add(f"{path}, line {line}, column {column!r}: {value!r} is not a number; write age in "
-                     "years as a number (or n/a when unknown)")
+        problems.add(f"{path}, line {line}, column {column!r}: {value!r} is not a number; {fix}")
     return numbers
 
 

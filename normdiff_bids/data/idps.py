@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from normdiff_bids.conventions import clean_label, preview
+from normdiff_bids.covariate_spec import CovariateSpecs
 from normdiff_bids.data.atlases import (
     ASEG_LABELS,
     BA_EXVIVO_REGIONS,
@@ -164,21 +165,28 @@ def select_idps(idp_set: str | Iterable[str], available: Sequence[str]) -> list[
 def collect_idps(bids_dir: str | Path, fs_dir: str | Path | None = None,
                  participant_label: Sequence[str] | None = None, session_label: Sequence[str] | None = None,
                  idp_set: str | Sequence[str] = "aseg", age_column: str = "age", sex_column: str = "sex",
-                 site_column: str | None = "site", longitudinal: bool = False) -> tuple[pd.DataFrame, dict]:
+                 site_column: str | None = "site", longitudinal: bool = False,
+                 covariates: CovariateSpecs | Sequence[Mapping] | None = None) -> tuple[pd.DataFrame, dict]:
     """Collect covariates and FreeSurfer IDPs of a BIDS dataset into one table.
 
     Returns ``(table, report)``. ``table`` has one row per participant (and per session when the dataset
     has sessions) with FreeSurfer outputs: ``participant_id``, ``session_id`` (only when the dataset has
-    sessions), ``age``, ``sex``, ``site`` (standard names whatever the source columns), then the selected
-    IDPs (float, NaN where missing). ``report`` is a JSON-ready dict: folders used, rows without
-    FreeSurfer outputs, missing IDPs and covariates per row, skipped folders.
+    sessions), the covariates under their names (``age``, ``sex``, ``site`` whatever the source columns,
+    then any other covariate under its column's name), then the selected IDPs (float, NaN where missing).
+    ``report`` is a JSON-ready dict: folders used, rows without FreeSurfer outputs, missing IDPs and
+    covariates per row, skipped folders, and the covariates read (``covariates``: the specification with
+    every kind known, :meth:`CovariateSpecs.to_list <normdiff_bids.covariate_spec.CovariateSpecs.to_list>`).
+
+    ``covariates``: the covariates to read (:class:`~normdiff_bids.covariate_spec.CovariateSpecs` or its
+    list form); without it, age, sex and site from ``age_column``, ``sex_column`` and ``site_column``
+    (``None``: no site), which must then be left as they are.
 
     Every problem of the cohort (unreadable stats files, bad covariates, unknown labels, a FreeSurfer
     folder matching no BIDS subject) is gathered and raised together as one InputError.
     """
     bids_dir = _check_bids_dir(bids_dir)
     problems = ProblemCollector()
-    columns = CovariateColumns(age=age_column, sex=sex_column, site=site_column)
+    columns = _covariate_spec(covariates, age_column, sex_column, site_column)
     subjects_sel = _labels(participant_label, "sub", problems)
     sessions_sel = _labels(session_label, "ses", problems)
     problems.raise_if_any(header="the participant/session selection is not valid")
@@ -264,7 +272,8 @@ def collect_idps(bids_dir: str | Path, fs_dir: str | Path | None = None,
 
     available = [k for rec in records for k in rec if k not in ("participant_id", "session_id", "fs_subject")]
     selected = select_idps(idp_set, available) if records else []
-    table = _assemble(records, selected, participants, covariates.sessions, has_sessions, columns)
+    covariates.spec.check_names(selected, "an IDP of the selection")
+    table = _assemble(records, selected, participants, covariates.sessions, has_sessions, covariates.spec)
 
     report = {
         "bids_dir": str(bids_dir),
@@ -276,7 +285,8 @@ def collect_idps(bids_dir: str | Path, fs_dir: str | Path | None = None,
         "no_freesurfer": no_freesurfer,
         "missing_idps": _missing_per_row(table, selected),
         "missing_idps_count": {c: int(table[c].isna().sum()) for c in selected if table[c].isna().any()},
-        "missing_covariates": _missing_per_row(table, [c for c in ("age", "sex", "site") if c in table]),
+        "missing_covariates": _missing_per_row(table, [c for c in covariates.spec.names if c in table]),
+        "covariates": covariates.spec.to_list(),
         "skipped_folders": folders.skipped,
         # The other kind of folder (longitudinal or cross-sectional) is never mixed in: list it.
         "ignored_folders": sorted(p.path.name for p in (folders.cross if longitudinal
@@ -301,10 +311,22 @@ def _labels(values, entity: str, problems: ProblemCollector) -> list[str] | None
     return list(dict.fromkeys(out))
 
 
+def _covariate_spec(covariates, age_column: str, sex_column: str, site_column: str | None) -> CovariateSpecs:
+    columns = CovariateColumns(age=age_column, sex=sex_column, site=site_column)
+    if covariates is None:
+        return columns.spec()
+    if columns != CovariateColumns():
+        raise InputError(f"collect_idps takes the covariates either as age_column/sex_column/site_column "
+                         f"({columns}) or as covariates=, not both; give the role columns in the "
+                         f"specification (CovariateSpecs.from_options)")
+    return CovariateSpecs.coerce(covariates)
+
+
 def _assemble(records: list[dict], selected: list[str], participants: pd.DataFrame,
-              sessions: pd.DataFrame | None, has_sessions: bool, columns: CovariateColumns) -> pd.DataFrame:
+              sessions: pd.DataFrame | None, has_sessions: bool, spec: CovariateSpecs) -> pd.DataFrame:
     ids = ["participant_id"] + (["session_id"] if has_sessions else [])
-    cov_names = ["age", "sex"] + (["site"] if columns.site is not None else [])
+    cov_names = list(spec.names)
+    age = spec.name_of("age")
     base = pd.DataFrame([{k: r[k] for k in ("participant_id", "session_id")} for r in records],
                         columns=["participant_id", "session_id"])
     cov = participants.reindex(base["participant_id"])[
@@ -312,12 +334,13 @@ def _assemble(records: list[dict], selected: list[str], participants: pd.DataFra
     for c in cov_names:
         if c not in cov.columns:
             cov[c] = np.nan
-    if sessions is not None and has_sessions:
+    if age is not None and sessions is not None and has_sessions:
         per_visit = sessions.set_index(["participant_id", "session_id"])["age"]
         keys = list(zip(base["participant_id"], base["session_id"]))
         visit_age = np.array([per_visit.get(k, np.nan) for k in keys], dtype=float)
-        cov["age"] = np.where(np.isnan(visit_age), cov["age"].to_numpy(dtype=float), visit_age)
-    cov["age"] = cov["age"].astype(float)
+        cov[age] = np.where(np.isnan(visit_age), cov[age].to_numpy(dtype=float), visit_age)
+    for name in spec.of_kind("continuous"):
+        cov[name] = cov[name].astype(float)
     values = pd.DataFrame([{k: r.get(k, np.nan) for k in selected} for r in records], columns=selected,
                           dtype=float)
     table = pd.concat([base[ids], cov[cov_names], values], axis=1)

@@ -55,11 +55,12 @@ def _model_covariates(model, table: pd.DataFrame, covariates) -> list[str]:
 
 
 def _suite(holdout, generated, centiles, idps, *, train=None, memorisation_generated=None, truth=None,
-           bin_width=1.0, n_permutations=500, max_pairs=300, max_rows=400, seed=0, with_pair_of_pair=True):
+           bin_width=1.0, n_permutations=500, max_pairs=300, max_rows=400, seed=0, with_pair_of_pair=True,
+           age="age", sex="sex"):
     """Every metric on one (sub)population; returns (flat scalars, full per-metric results)."""
     full = {}
     flat = {"n_holdout": len(holdout)}
-    full["ace"] = absolute_centile_error(holdout, generated, idps=idps, bin_width=bin_width)
+    full["ace"] = absolute_centile_error(holdout, generated, idps=idps, bin_width=bin_width, age=age)
     flat["ace"] = full["ace"]["ace"]
     flat["ace_noise_floor"] = full["ace"]["noise_floor"]
     if truth is not None:
@@ -73,7 +74,7 @@ def _suite(holdout, generated, centiles, idps, *, train=None, memorisation_gener
     flat["pit_ks"] = full["pit"]["ks"]
     flat["pit_ks_max"] = full["pit"]["ks_max"]
     flat.update(uniformity_limits(full["pit"]))
-    full["ks"] = ks_by_age_bin(holdout, generated, idps=idps, bin_width=bin_width,
+    full["ks"] = ks_by_age_bin(holdout, generated, idps=idps, bin_width=bin_width, age=age,
                                n_permutations=n_permutations, seed=seed)
     for key in ("mean_stat", "max_stat", "n_tests", "frac_reject", "frac_idps_fisher_reject"):
         flat[f"ks_{key}"] = full["ks"][key]
@@ -94,7 +95,7 @@ def _suite(holdout, generated, centiles, idps, *, train=None, memorisation_gener
             flat["mantel_p"] = full["pair_of_pair"]["mantel_p"]
     if train is not None and memorisation_generated is not None and len(memorisation_generated):
         full["memorisation"] = memorisation_ratio(train, holdout, memorisation_generated, idps=idps,
-                                                  bin_width=bin_width, seed=seed)
+                                                  bin_width=bin_width, age=age, sex=sex, seed=seed)
         mem = full["memorisation"]
         for key in ("median_ratio", "p05", "p95", "p_lt_1", "p_lt_0_8", "near_duplicate_rate"):
             flat[f"nn_{key}"] = mem[key]
@@ -104,12 +105,15 @@ def _suite(holdout, generated, centiles, idps, *, train=None, memorisation_gener
 
 def centile_curves(model, train: pd.DataFrame, covariate_columns: Sequence[str], idps: Sequence[str],
                    centiles: Sequence[float] = CURVE_CENTILES, n_ages: int = 60, age: str = "age",
-                   sex: str = "sex", site: str = "site") -> pd.DataFrame:
+                   sex: str = "sex", site: str = "site",
+                   categorical: Sequence[str] | None = None) -> pd.DataFrame:
     """Model quantiles on an age grid over the training range, for each sex, at the most common site.
 
-    Other covariates are held at the training median (numeric) or most common level. Returns a long
-    DataFrame: ``sex``, ``site``, ``age``, ``idp``, ``q``, ``value``.
+    Other covariates are held at the training median (continuous) or most common level (categorical:
+    those named in ``categorical``, default the model's categorical covariates, else the non-numeric
+    ones and ``site``). Returns a long DataFrame: ``sex``, ``site``, ``age``, ``idp``, ``q``, ``value``.
     """
+    categorical = set(_categorical_covariates(model) if categorical is None else categorical)
     require_columns(train, [age], "train")
     grid_age = np.linspace(float(train[age].min()), float(train[age].max()), n_ages)
     sexes = sorted(pd.unique(train[sex].dropna()), key=str) if sex in covariate_columns else [None]
@@ -121,7 +125,7 @@ def centile_curves(model, train: pd.DataFrame, covariate_columns: Sequence[str],
                 continue
             if col == sex:
                 grid[col] = level
-            elif pd.api.types.is_numeric_dtype(train[col]) and col != site:
+            elif col not in categorical and pd.api.types.is_numeric_dtype(train[col]) and col != site:
                 grid[col] = float(train[col].median())
             else:
                 grid[col] = train[col].mode().iloc[0]
@@ -154,6 +158,12 @@ def uniformity_limits(pit: dict) -> dict:
             "pit_n_rejected": int(np.sum(q < 0.05)), "pit_n_idps": int(len(q))}
 
 
+def _categorical_covariates(model) -> list[str]:
+    """The model's categorical covariates as its schema has them (none known without a schema)."""
+    schema = getattr(model, "covariate_schema_", None)
+    return [c.name for c in getattr(schema, "categorical", None) or []]
+
+
 def joint_calibration(model, holdout: pd.DataFrame) -> dict:
     """Uniformity of the held-out rows' joint deviation centiles: KS distance to U(0, 1), its 5% critical
     value for this many rows, and the shares above 0.95 and 0.99 (nominal 0.05 and 0.01)."""
@@ -175,7 +185,8 @@ def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int =
              idps: Sequence[str] | None = None, covariates: Sequence[str] | None = None,
              truth: pd.DataFrame | None = None, group_by: Sequence[str] = ("sex", "site"),
              min_group_rows: int = 20, bin_width: float = 1.0, n_permutations: int = 500,
-             max_pairs: int = 300, max_rows: int = 400, curves: bool = True) -> dict:
+             max_pairs: int = 300, max_rows: int = 400, curves: bool = True, age: str = "age",
+             sex: str = "sex", site: str = "site") -> dict:
     """Evaluate a fitted model on held-out data with the full calibration and fidelity suite.
 
     The model needs ``sample(covariates, n) -> [R, S, D]``, ``predict_centiles(table)`` and, for the
@@ -188,6 +199,8 @@ def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int =
     truth : optional DataFrame of true centiles of the held-out rows (synthetic data), adds ``centile_mae``.
     group_by : covariates to repeat every metric within (levels with fewer than ``min_group_rows``
         held-out rows are listed with their ``n`` only).
+    age, sex, site : the columns of the age (bins of ACE, KS and memorisation; axis of the centile
+        curves), sex (memorisation balance; one centile curve per level) and site (the curves' site).
 
     Returns
     -------
@@ -219,15 +232,17 @@ def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int =
     sample_seconds = time.perf_counter() - t0
 
     memorisation_generated = None
-    if "age" in train.columns and "sex" in train.columns:
-        train_bal, hold_bal = balance_by_age_sex(train, holdout, bin_width=bin_width, seed=seed)
+    if age in train.columns and sex in train.columns:
+        train_bal, hold_bal = balance_by_age_sex(train, holdout, bin_width=bin_width, age=age, sex=sex,
+                                                 seed=seed)
         keep = list(dict.fromkeys([*covariate_columns, *carry]))
         reference = pd.concat([train_bal[keep], hold_bal[keep]], ignore_index=True)
         memorisation_generated = generated_table(model, reference, 1, idps, covariate_columns, carry)
 
     flat, full = _suite(holdout, generated, centiles, idps, train=train,
                         memorisation_generated=memorisation_generated, truth=truth, bin_width=bin_width,
-                        n_permutations=n_permutations, max_pairs=max_pairs, max_rows=max_rows, seed=seed)
+                        n_permutations=n_permutations, max_pairs=max_pairs, max_rows=max_rows, seed=seed,
+                        age=age, sex=sex)
 
     groups = {}
     for by in group_by:
@@ -248,7 +263,7 @@ def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int =
                     holdout[mask], gen_sub, centiles[mask], idps, train=train[train[by] == level],
                     memorisation_generated=mem_sub, truth=None if truth is None else truth[mask],
                     bin_width=bin_width, n_permutations=n_permutations, max_pairs=max_pairs,
-                    max_rows=max_rows, seed=seed, with_pair_of_pair=False)
+                    max_rows=max_rows, seed=seed, with_pair_of_pair=False, age=age, sex=sex)
             except ValueError as exc:
                 rows[str(level)] = {"n_holdout": int(mask.sum()), "error": str(exc).splitlines()[0]}
         table = pd.DataFrame.from_dict(rows, orient="index")
@@ -270,7 +285,8 @@ def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int =
     tables["holdout"] = holdout[[*covariate_columns, *idps]]
     tables["centiles"] = centiles
     if curves and hasattr(model, "predict_quantiles"):
-        tables["centile_curves"] = centile_curves(model, train, covariate_columns, idps)
+        tables["centile_curves"] = centile_curves(model, train, covariate_columns, idps, age=age, sex=sex,
+                                                  site=site)
 
     results = {**flat, "n_train": len(train), "n_samples": n_samples, "n_idps": len(idps),
                "score_seconds": score_seconds, "sample_seconds": sample_seconds}

@@ -29,10 +29,17 @@ class _CollectIDPsInputSpec(BaseInterfaceInputSpec):
     session_label = traits.List(traits.Str, desc="sessions to collect (with or without 'ses-'); default: all")
     idp_set = traits.List(traits.Str, ["aseg"], usedefault=True,
                           desc="IDP selection: named sets (aseg, aparc-thickness, ...), IDP names or globs")
-    age_column = traits.Str("age", usedefault=True, desc="participants.tsv/sessions.tsv column holding age")
-    sex_column = traits.Str("sex", usedefault=True, desc="participants.tsv column holding sex")
+    covariates = traits.List(traits.Dict(), desc="the covariates to read: a covariate specification "
+                                                 "(normdiff_bids.covariate_spec.CovariateSpecs.to_list(): "
+                                                 "name, column, kind and role of each); when given, "
+                                                 "age_column, sex_column and site_column stay unset")
+    age_column = traits.Str("age", usedefault=True, desc="participants.tsv/sessions.tsv column holding age "
+                                                         "(without covariates)")
+    sex_column = traits.Str("sex", usedefault=True, desc="participants.tsv column holding sex "
+                                                         "(without covariates)")
     site_column = traits.Either(None, traits.Str, default="site", usedefault=True,
-                                desc="participants.tsv column holding the site (None: no site)")
+                                desc="participants.tsv column holding the site (None: no site; without "
+                                     "covariates)")
     longitudinal = traits.Bool(False, usedefault=True,
                                desc="read FreeSurfer's longitudinal folders (<timepoint>.long.<template>) "
                                     "instead of the cross-sectional sub-<label>[_ses-<label>] ones")
@@ -77,6 +84,7 @@ class CollectIDPs(SimpleInterface):
             sex_column=self.inputs.sex_column,
             site_column=None if self.inputs.site_column is Undefined else self.inputs.site_column,
             longitudinal=bool(self.inputs.longitudinal),
+            covariates=given(self.inputs.covariates),
         )
         self._results["idp_table"] = write_table(table, os.path.join(runtime.cwd, "idps.tsv"))
         report_path = write_json(os.path.join(runtime.cwd, "collect_report.json"), report)

@@ -60,6 +60,9 @@ class WriteSubjectScores(SimpleInterface):
 class _WriteGroupTableInputSpec(_SinkInputSpec):
     scores = File(exists=True, mandatory=True, desc="wide score table of every scored participant")
     split = File(exists=True, desc="TSV of the reference rows and their split (train/holdout)")
+    covariates = traits.List(traits.Dict(), desc="the covariate specification (CovariateSpecs.to_list()) "
+                                                 "the sidecar describes the covariate columns by (source "
+                                                 "column, kind, levels); default: by their names")
 
 
 class WriteGroupTable(SimpleInterface):
@@ -76,7 +79,8 @@ class WriteGroupTable(SimpleInterface):
         from normdiff_bids.outputs.score_files import write_group_table, write_reference_table
 
         wide = read_table(self.inputs.scores)
-        written = list(write_group_table(self.inputs.output_dir, wide, merge=False))
+        covariates = self.inputs.covariates if isdefined(self.inputs.covariates) else None
+        written = list(write_group_table(self.inputs.output_dir, wide, merge=False, covariates=covariates))
         if isdefined(self.inputs.split):
             split = read_table(self.inputs.split)
             ids = [c for c in ("participant_id", "session_id") if c in wide.columns]

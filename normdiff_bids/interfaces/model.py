@@ -19,6 +19,7 @@ from nipype.interfaces.base import (
 
 from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.conventions import ID_COLUMNS
+from normdiff_bids.covariate_spec import CovariateSpecs
 from normdiff_bids.data.reference import (  # noqa: F401  (re-exported: older callers import them here)
     MIN_REFERENCE_ROWS,
     select_reference,
@@ -70,10 +71,25 @@ def idp_columns(table: pd.DataFrame, covariates) -> list[str]:
     return [c for c in table.columns if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
 
 
+def covariate_settings(covariates) -> tuple[list[str], CovariateSpecs | None]:
+    """The covariate names and, when ``covariates`` is a covariate specification (a list of mappings,
+    :meth:`CovariateSpecs.to_list <normdiff_bids.covariate_spec.CovariateSpecs.to_list>`) rather than
+    names, the specification."""
+    items = list(covariates)
+    if items and all(isinstance(item, str) for item in items):
+        return items, None
+    spec = CovariateSpecs.from_list(items)
+    return list(spec.names), spec
+
+
 class _TrainInputSpec(BaseInterfaceInputSpec):
     idp_table = File(exists=True, mandatory=True, desc="IDP table (TSV) as written by CollectIDPs")
-    covariates = traits.List(traits.Str, ["age", "sex", "site"], usedefault=True,
-                             desc="covariate columns the model is conditioned on")
+    covariates = traits.Either(traits.List(traits.Str), traits.List(traits.Dict()),
+                               default=["age", "sex", "site"], usedefault=True,
+                               desc="covariate columns the model is conditioned on (kinds inferred), or a "
+                                    "covariate specification (CovariateSpecs.to_list(): name, column, kind "
+                                    "and role of each), which also declares their kinds, the site covariate "
+                                    "and the covariates the split is stratified by")
     idps = traits.List(traits.Str, desc="IDP columns to model; default: every other numeric column")
     reference_participants = traits.List(traits.Str, desc="participants forming the normative reference; "
                                                           "default: every row")
@@ -121,12 +137,15 @@ class TrainNormativeModel(SimpleInterface):
             participants=self.inputs.reference_participants if isdefined(self.inputs.reference_participants)
             else None,
             query=self.inputs.reference_query if isdefined(self.inputs.reference_query) else None)
-        train, holdout = split_reference(reference, self.inputs.holdout_fraction, self.inputs.seed)
-        covariates = list(self.inputs.covariates)
+        covariates, spec = covariate_settings(self.inputs.covariates)
+        strata = ("site", "sex") if spec is None else spec.names_of("site", "sex")
+        train, holdout = split_reference(reference, self.inputs.holdout_fraction, self.inputs.seed, strata)
         idps = list(self.inputs.idps) if isdefined(self.inputs.idps) and self.inputs.idps \
             else idp_columns(table, covariates)
 
-        options = dict(self.inputs.model_options) if isdefined(self.inputs.model_options) else {}
+        options = {} if spec is None else {"covariate_kinds": spec.kinds,
+                                           "site_covariate": spec.name_of("site")}
+        options.update(self.inputs.model_options if isdefined(self.inputs.model_options) else {})
         if isdefined(self.inputs.epochs):
             options["epochs"] = self.inputs.epochs
         if isdefined(self.inputs.n_samples):
@@ -136,14 +155,17 @@ class TrainNormativeModel(SimpleInterface):
         model.fit(train, idps=idps)
         self._results.update(write_fit_outputs(runtime.cwd, model, reference, train, holdout,
                                                self.inputs.holdout_fraction, self.inputs.seed,
-                                               self.inputs.evaluate))
+                                               self.inputs.evaluate, covariates=spec))
         return runtime
 
 
 def write_fit_outputs(cwd, model, reference, train, holdout, holdout_fraction, seed, evaluate_model,
-                      **extra) -> dict:
+                      covariates: CovariateSpecs | None = None, **extra) -> dict:
     """What a fitted (or adapted) model leaves in its node folder: the bundle, the train/held-out split,
-    the metrics and, with ``evaluate_model``, the held-out calibration report. Returns the outputs."""
+    the metrics and, with ``evaluate_model``, the held-out calibration report. Returns the outputs.
+
+    ``covariates``: the covariate specification, which names the age, sex and site the evaluation bins
+    and groups by (default: the covariates of those names)."""
     out = {"model_dir": os.path.join(cwd, "model")}
     model.save(out["model_dir"], overwrite=True)  # a rerun of the node replaces its own previous bundle
     split = reference[[c for c in ID_COLUMNS if c in reference.columns]].copy()
@@ -158,7 +180,10 @@ def write_fit_outputs(cwd, model, reference, train, holdout, holdout_fraction, s
         from normdiff_bids.evaluation.figures import make_figures
         from normdiff_bids.evaluation.report import render_calibration_report
 
-        results = evaluate(model, train, holdout, seed=seed)
+        roles = {} if covariates is None else {
+            "group_by": covariates.names_of("sex", "site"),
+            **{role: name for role in ("age", "sex") if (name := covariates.name_of(role)) is not None}}
+        results = evaluate(model, train, holdout, seed=seed, **roles)
         metrics["evaluation"] = summary(results)
         out["calibration_report"] = os.path.join(cwd, "calibration_report.html")
         atomic_write_text(out["calibration_report"],

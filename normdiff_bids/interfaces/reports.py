@@ -35,6 +35,8 @@ class _NormDiffReportInputSpec(BaseInterfaceInputSpec):
     files = InputMultiObject(File(exists=True), desc="derivative files of this subject, listed in the report")
     num_threads = traits.Int(desc="CPU threads torch may use for the centile curves; default: torch's")
     output_dir = Directory(desc="derivatives folder to write into; default: this node's working folder")
+    covariates = traits.List(traits.Dict(), desc="the covariate specification (CovariateSpecs.to_list()); "
+                                                 "its age covariate is the axis of the centile curves")
 
 
 class _ReportOutputSpec(TraitedSpec):
@@ -70,7 +72,7 @@ class NormDiffReport(SimpleInterface):
         path = write_subject_report(
             output_dir, row, model=model, maps=maps or None, label_volume=label_volume if maps else None,
             files=list(self.inputs.files) if isdefined(self.inputs.files) else (),
-            model_name=_maybe(self.inputs.model_name))
+            model_name=_maybe(self.inputs.model_name), covariates=_maybe(self.inputs.covariates))
         self._results["out_report"] = os.fspath(path)
         return runtime
 
@@ -84,6 +86,8 @@ class _GroupReportInputSpec(BaseInterfaceInputSpec):
     subject_reports = traits.List(traits.Str, desc="subject report names to link (relative to output_dir); "
                                                    "default: those already in output_dir")
     output_dir = Directory(desc="derivatives folder to write into; default: this node's working folder")
+    covariates = traits.List(traits.Dict(), desc="the covariate specification (CovariateSpecs.to_list()): "
+                                                 "the cohort is summarised by each covariate's kind")
 
 
 class GroupReport(SimpleInterface):
@@ -111,6 +115,6 @@ class GroupReport(SimpleInterface):
         output_dir = self.inputs.output_dir if isdefined(self.inputs.output_dir) else runtime.cwd
         path = write_group_report(output_dir, read_table(self.inputs.scores), model_card=card,
                                   calibration_html=calibration, model_name=_maybe(self.inputs.model_name),
-                                  **kwargs)
+                                  covariates=_maybe(self.inputs.covariates), **kwargs)
         self._results["out_report"] = os.fspath(path)
         return runtime

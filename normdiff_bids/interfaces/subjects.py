@@ -49,7 +49,7 @@ def label_volume(fs_subject_dir) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _write_report(output_dir, row, files, model, fs_subject_dir, model_name) -> str:
+def _write_report(output_dir, row, files, model, fs_subject_dir, model_name, covariates=None) -> str:
     """A subject's report listing ``files``, with slices of the NIfTI maps among them."""
     from normdiff_bids.outputs.reports import write_subject_report
 
@@ -57,13 +57,14 @@ def _write_report(output_dir, row, files, model, fs_subject_dir, model_name) -> 
     return os.fspath(write_subject_report(
         output_dir, row, model=model, maps=volume_maps or None,
         label_volume=label_volume(fs_subject_dir) if volume_maps else None, files=files,
-        model_name=model_name))
+        model_name=model_name, covariates=covariates))
 
 
 def write_subject_outputs(output_dir, wide_row, model=None, fs_subject_dir=None,
-                          model_name=None) -> tuple[list[str], str]:
+                          model_name=None, covariates=None) -> tuple[list[str], str]:
     """Write one subject's deviation table, maps (with ``fs_subject_dir``) and report from its one-row
-    wide score table ``wide_row``. Returns ``(files written, report path)``."""
+    wide score table ``wide_row``. Returns ``(files written, report path)``. ``covariates``: the
+    covariate specification (the report's centile curves run over its age covariate)."""
     from normdiff_bids.outputs.maps import write_deviation_maps
     from normdiff_bids.outputs.score_files import write_subject_scores
 
@@ -72,11 +73,11 @@ def write_subject_outputs(output_dir, wide_row, model=None, fs_subject_dir=None,
     if fs_subject_dir:
         written = write_deviation_maps(output_dir, row, fs_subject_dir)
         files += [os.fspath(p) for paths in written.values() for p in paths]
-    return files, _write_report(output_dir, row, files, model, fs_subject_dir, model_name)
+    return files, _write_report(output_dir, row, files, model, fs_subject_dir, model_name, covariates)
 
 
 def write_subject_report_only(output_dir, wide_row, model=None, fs_subject_dir=None,
-                              model_name=None) -> str:
+                              model_name=None, covariates=None) -> str:
     """Re-write one subject's report from its score row and the files already written for it (its
     deviation table and maps stay as they are). Returns the report path."""
     from normdiff_bids.outputs import names
@@ -86,7 +87,7 @@ def write_subject_report_only(output_dir, wide_row, model=None, fs_subject_dir=N
     folder = Path(output_dir) / names.scores_table_path(entities).parent
     prefix = names.subject_report_path(entities).stem + "_"  # sub-<label>[_ses-<label>]_
     files = sorted(os.fspath(p) for p in folder.glob(f"{prefix}*") if p.is_file())
-    return _write_report(output_dir, row, files, model, fs_subject_dir, model_name)
+    return _write_report(output_dir, row, files, model, fs_subject_dir, model_name, covariates)
 
 
 class _SubjectOutputsInputSpec(BaseInterfaceInputSpec):
@@ -102,6 +103,9 @@ class _SubjectOutputsInputSpec(BaseInterfaceInputSpec):
     reports_only = traits.Bool(False, usedefault=True,
                                desc="re-write only the reports, from the score table and the files already "
                                     "in the derivatives folder")
+    covariates = traits.List(traits.Dict(), desc="the covariate specification (CovariateSpecs.to_list()); "
+                                                 "its age covariate is the axis of the reports' centile "
+                                                 "curves")
 
 
 class _SubjectOutputsOutputSpec(TraitedSpec):
@@ -128,13 +132,15 @@ class SubjectOutputs(SimpleInterface):
             set_threads(self.inputs.num_threads)
             model = load_model(self.inputs.model_dir)
         name = self.inputs.model_name if isdefined(self.inputs.model_name) else None
+        covariates = self.inputs.covariates if isdefined(self.inputs.covariates) else None
         self._results["out_files"], self._results["out_reports"] = [], []
         failed = []
         for subject in self.inputs.subjects:
             pid, ses = subject["participant_id"], subject.get("session_id") or None
             try:
                 row = select_row(wide, pid, ses, self.inputs.scores)
-                where = {"model": model, "fs_subject_dir": subject.get("fs_subject_dir"), "model_name": name}
+                where = {"model": model, "fs_subject_dir": subject.get("fs_subject_dir"), "model_name": name,
+                         "covariates": covariates}
                 if self.inputs.reports_only:
                     files, report = [], write_subject_report_only(self.inputs.output_dir, row, **where)
                 else:

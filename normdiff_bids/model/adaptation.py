@@ -58,7 +58,7 @@ def adapt_to_new_sites(model, table: pd.DataFrame, refine: bool = False):
     schema = CovariateSchema.from_dict(model.covariate_schema_.to_dict())
     schema.categorical[space.site_index].levels = list(site_cov.levels) + new_levels
     if site_cov.ranges is not None:  # the new (and refined) sites' own covariate ranges
-        fresh = level_ranges(table.loc[usable], site_name, model.covariates)
+        fresh = level_ranges(table.loc[usable], site_name, model.covariates, model.covariate_kinds)
         schema.categorical[space.site_index].ranges = {**site_cov.ranges, **fresh}
     cont, cat = schema.encode(table.loc[usable])
     x = model.scaler_.transform(values[usable])

@@ -9,7 +9,7 @@ from a site never seen in training can use the model's marginal over sites when 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from normdiff_bids.conventions import SEX_ALIASES
+from normdiff_bids.covariate_spec import KINDS
 from normdiff_bids.errors import InputError, ProblemCollector
 
 #: Covariates that are categorical whatever their dtype (sex is often coded 0/1, sites as integers).
@@ -92,8 +93,13 @@ class CovariateSchema:
     # -- learning ---------------------------------------------------------------------------------
     @classmethod
     def from_table(cls, table: pd.DataFrame, names: Sequence[str],
-                   marginal: Iterable[str] = MARGINAL_NAMES) -> CovariateSchema:
-        """Learn the schema from the rows of ``table`` that will train the model."""
+                   marginal: Iterable[str] = MARGINAL_NAMES,
+                   kinds: Mapping[str, str] | None = None) -> CovariateSchema:
+        """Learn the schema from the rows of ``table`` that will train the model.
+
+        ``kinds``: ``{name: "continuous" | "categorical"}`` for covariates whose kind is declared rather
+        than inferred (e.g. a scanner coded 1, 2, 3 is categorical); the others are inferred.
+        """
         names = list(names)
         marginal = set(marginal)
         problems = ProblemCollector()
@@ -103,18 +109,19 @@ class CovariateSchema:
         if missing:
             problems.add(f"covariate columns missing from the table: {missing}; "
                          f"the table has {list(table.columns)}")
+        problems.extend(kind_problems(kinds, names))
         problems.raise_if_any(header="the covariates cannot be used")
         schema = cls(names=names)
         for name in names:
             column = table[name]
-            if _is_categorical(name, column):
+            if _is_categorical(name, column, kinds):
                 levels = sorted({lv for lv in (_level_string(v, name) for v in column) if lv is not None})
                 if not levels:
                     problems.add(f"covariate '{name}' has no values")
                     continue
                 schema.categorical.append(CategoricalCovariate(name, levels, marginal=name in marginal))
                 if name in marginal:
-                    schema.categorical[-1].ranges = level_ranges(table, name, names)
+                    schema.categorical[-1].ranges = level_ranges(table, name, names, kinds)
             else:
                 values = _numeric_column(column, name, problems)
                 finite = values[np.isfinite(values)]
@@ -235,10 +242,12 @@ class CovariateSchema:
                                 for c in state["categorical"]])
 
 
-def level_ranges(table: pd.DataFrame, name: str, names: Sequence[str]) -> dict[str, list[list[float]]]:
+def level_ranges(table: pd.DataFrame, name: str, names: Sequence[str],
+                 kinds: Mapping[str, str] | None = None) -> dict[str, list[list[float]]]:
     """``{level: [[min, max] per continuous covariate]}`` of the rows of ``table`` at each level of
-    ``name`` (the continuous covariates among ``names``, in order)."""
-    continuous = [n for n in names if n in table.columns and not _is_categorical(n, table[n])]
+    ``name`` (the continuous covariates among ``names``, in order; ``kinds`` as in
+    :meth:`CovariateSchema.from_table`)."""
+    continuous = [n for n in names if n in table.columns and not _is_categorical(n, table[n], kinds)]
     labels = table[name].map(lambda v: _level_string(v, name))
     out = {}
     for level, rows in table.groupby(labels, sort=True):
@@ -254,7 +263,23 @@ def level_ranges(table: pd.DataFrame, name: str, names: Sequence[str]) -> dict[s
     return out
 
 
-def _is_categorical(name: str, column: pd.Series) -> bool:
+def kind_problems(kinds: Mapping[str, str] | None, names: Sequence[str]) -> list[str]:
+    """What is wrong with declared covariate ``kinds`` for the covariates ``names`` (empty: nothing)."""
+    if kinds is None:
+        return []
+    if not isinstance(kinds, Mapping):
+        return [f"covariate kinds must be a mapping {{name: kind}}, not {type(kinds).__name__}"]
+    out = [f"covariate '{n}': kind {k!r} is unknown; use one of {KINDS}"
+           for n, k in kinds.items() if k not in KINDS]
+    unknown = [n for n in kinds if n not in names]
+    if unknown:
+        out.append(f"covariate kinds are given for {unknown}, which are not covariates ({list(names)})")
+    return out
+
+
+def _is_categorical(name: str, column: pd.Series, kinds: Mapping[str, str] | None = None) -> bool:
+    if kinds and name in kinds:
+        return kinds[name] == "categorical"
     if name in CATEGORICAL_NAMES:
         return True
     return not (pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column))

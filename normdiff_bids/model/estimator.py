@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,8 @@ PARAMETER_CONSTRAINTS = {
     "site_covariate": P.Constraint(lambda v: v is None or isinstance(v, str), "a covariate name or None"),
     "draw_table": P.one_of(("auto", "off"), "choose 'auto' or 'off'"),
     "missing_idps": P.one_of(("use", "drop"), "choose 'use' or 'drop'"),
+    "covariate_kinds": P.Constraint(lambda v: v is None or isinstance(v, Mapping),
+                                    "None or a mapping {covariate: 'continuous' | 'categorical'}"),
 }
 
 
@@ -86,7 +88,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         Denoising network (:func:`normdiff_bids.model.backbones.backbone_names`).
     covariates : sequence of column names
         ``age`` (and any numeric column) is standardised; ``sex``, ``site`` and any non-numeric column
-        are categorical with learned embeddings.
+        are categorical with learned embeddings (``covariate_kinds`` overrides this per covariate).
     seed : int
         Seeds weight initialisation, data order, training noise and every sampling stream. Same seed,
         same data, same device: bit-identical model and scores on CPU.
@@ -167,6 +169,10 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         input gets a stand-in drawn from the standardised marginal); ``"drop"`` drops those rows.
     verbose : bool
         Progress bars (also silenced by ``CI=true`` or ``NORMDIFF_QUIET=1``).
+    covariate_kinds : mapping or None
+        ``{covariate: "continuous" | "categorical"}`` for covariates whose kind is declared instead of
+        inferred from the column, e.g. ``{"scanner": "categorical"}`` for a scanner coded 1, 2, 3 (a
+        covariate declared continuous must hold numbers). ``None``: every kind inferred as above.
     """
 
     def __init__(self, backbone: str = "film-mlp", covariates: Sequence[str] = ("age", "sex", "site"),
@@ -180,7 +186,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
                  covariate_grid: str = "auto", grid_step: float | None = None,
                  location_scale: str = "pooled", calibration: str = "conformal",
                  site_covariate: str | None = "site", draw_table: str = "auto", missing_idps: str = "use",
-                 verbose: bool = True):
+                 verbose: bool = True, covariate_kinds: Mapping[str, str] | None = None):
         self.backbone = backbone
         self.covariates = covariates
         self.seed = seed
@@ -208,6 +214,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         self.draw_table = draw_table
         self.missing_idps = missing_idps
         self.verbose = verbose
+        self.covariate_kinds = covariate_kinds
 
     # ------------------------------------------------------------------ sklearn conventions
     @classmethod
@@ -290,7 +297,8 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         idps = select_idps(table, idps, covariates)
         kept, values, n_dropped, n_partial = training_rows(table, idps, covariates, self.missing_idps,
                                                            MIN_TRAIN_ROWS)
-        schema = CovariateSchema.from_table(kept, covariates)
+        kinds = dict(self.covariate_kinds) if self.covariate_kinds is not None else None
+        schema = CovariateSchema.from_table(kept, covariates, kinds=kinds)
         cont, cat = schema.encode(kept)
         scaler = IDPScaler(self.preprocessing).fit(values)
         x = scaler.transform(values)

@@ -66,42 +66,55 @@ def _float(value) -> float:
         return float("nan")
 
 
-def _grid_covariates(model, row: pd.Series, ages: np.ndarray) -> pd.DataFrame:
+def _grid_covariates(model, row: pd.Series, ages: np.ndarray, age: str = "age") -> pd.DataFrame:
     names_ = list(getattr(model, "covariates", ("age", "sex", "site")))
-    grid = pd.DataFrame({"age": ages})
+    grid = pd.DataFrame({age: ages})
     for name in names_:
-        if name == "age":
+        if name == age:
             continue
         grid[name] = row.get(name)
     return grid
 
 
-def _age_range(model, subject_age: float) -> tuple[float, float]:
+def _age_range(model, subject_age: float, age: str = "age") -> tuple[float, float]:
     schema = getattr(model, "covariate_schema_", None)
     for cov in getattr(schema, "continuous", []) or []:
-        if getattr(cov, "name", None) == "age":
+        if getattr(cov, "name", None) == age:
             lo, hi = float(cov.min), float(cov.max)
             if np.isfinite(subject_age):
                 lo, hi = min(lo, subject_age), max(hi, subject_age)
             return lo, hi
     if np.isfinite(subject_age):
         return max(0.0, subject_age - 20.0), subject_age + 20.0
-    raise ValueError("no age range: the model has no 'age' covariate and the subject no age")
+    raise ValueError(f"no age range: the model has no {age!r} covariate and the subject no age")
+
+
+def _age_name(covariates) -> str:
+    """The age covariate's name in a covariate specification (``"age"`` without one)."""
+    if covariates is None:
+        return "age"
+    from normdiff_bids.covariate_spec import CovariateSpecs
+
+    name = CovariateSpecs.coerce(covariates).name_of("age")
+    if name is None:
+        raise ValueError("the covariates have no age, the axis of the centile curves")
+    return name
 
 
 def centile_curve_data(model, row: pd.Series, idps: Sequence[str], *, n_ages: int = 15,
-                       quantiles: Sequence[float] = CURVE_QUANTILES) -> list[dict]:
+                       quantiles: Sequence[float] = CURVE_QUANTILES, age: str = "age") -> list[dict]:
     """Normative centile curves over age for ``idps`` at the subject's other covariates (sex, site, ...).
 
-    Uses ``model.predict_quantiles`` on an age grid spanning the training range (and the subject's
-    age); each entry also carries the subject's own age, value and z for the plot.
+    Uses ``model.predict_quantiles`` on a grid of the age covariate (named ``age``) spanning the training
+    range (and the subject's age), every other covariate at the subject's own value; each entry also
+    carries the subject's own age, value and z for the plot.
     """
     if not idps:
         return []
-    subject_age = _float(row.get("age"))
-    lo, hi = _age_range(model, subject_age)
+    subject_age = _float(row.get(age))
+    lo, hi = _age_range(model, subject_age, age)
     ages = model.curve_ages(lo, hi, n_ages) if hasattr(model, "curve_ages") else np.linspace(lo, hi, n_ages)
-    q = model.predict_quantiles(_grid_covariates(model, row, ages), list(quantiles))
+    q = model.predict_quantiles(_grid_covariates(model, row, ages, age), list(quantiles))
     curves = []
     for idp in idps:
         block = q[idp]
@@ -116,10 +129,13 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
                           label_volume: str | os.PathLike | None = None,
                           cohort_joint_z: Sequence[float] | None = None,
                           files: Sequence[str | os.PathLike] = (), n_curves: int = 6,
-                          model_name: str | None = None, output_dir: str | os.PathLike | None = None) -> str:
+                          model_name: str | None = None, output_dir: str | os.PathLike | None = None,
+                          covariates=None) -> str:
     """HTML of one subject's report from its wide score row.
 
     ``model``: the fitted ``NormativeDiffusion`` (for centile curves; without it that section says so).
+    ``covariates``: the covariate specification (:class:`~normdiff_bids.covariate_spec.CovariateSpecs` or
+    its list form), whose age covariate is the curves' axis (default: the covariate named ``age``).
     ``maps``: ``{measure: path to the NIfTI deviation map}`` and ``label_volume`` (the ``aparc+aseg``
     they were painted into) for the slice figures. ``files``: derivative files to list (relative to
     ``output_dir`` when given).
@@ -140,7 +156,8 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
         curves_note = "No model was given to the report, so the centile curves are not drawn."
     else:
         try:
-            curves = centile_curve_data(model, row, list(top["idp"].head(n_curves)))
+            curves = centile_curve_data(model, row, list(top["idp"].head(n_curves)),
+                                        age=_age_name(covariates))
             curves_uri = figures.to_data_uri(figures.centile_curves(curves)) if curves else None
         except (ValueError, KeyError) as err:
             curves_note = f"The centile curves could not be drawn: {err}"
@@ -227,7 +244,7 @@ def write_subject_report(output_dir: str | os.PathLike, row: pd.Series, **kwargs
     """Render and write ``sub-<label>[_ses-<label>].html`` at the top of ``output_dir``.
 
     ``kwargs`` go to :func:`render_subject_report` (``model``, ``maps``, ``label_volume``, ``files``,
-    ``cohort_joint_z``, ``model_name``).
+    ``cohort_joint_z``, ``model_name``, ``covariates``).
     """
     output_dir = Path(output_dir)
     entities = names.subject_entities(row["participant_id"], row.get("session_id"))
@@ -284,13 +301,19 @@ def _card_rows(card: Mapping, prefix: str = "") -> list[tuple[str, str]]:
 
 def render_group_report(scores: pd.DataFrame, *, model_card: Mapping | None = None,
                         calibration_html: str | None = None, subject_reports: Sequence[str] = (),
-                        model_name: str | None = None) -> str:
+                        model_name: str | None = None, covariates=None) -> str:
     """HTML of the group report: cohort, model card, calibration report, and the deviations of the cohort.
 
     ``scores``: the wide (or tidy) score table of the cohort. ``calibration_html``: the output of
     ``normdiff_bids.evaluation.render_calibration_report`` (a fragment or a full document; embedded as is,
     it is trusted HTML). ``subject_reports``: report file names to link (relative to the output folder).
+    ``covariates``: the covariate specification (:class:`~normdiff_bids.covariate_spec.CovariateSpecs`
+    or its list form): the cohort section summarises each covariate by its kind (default: age, sex and
+    site).
     """
+    from normdiff_bids.covariate_spec import CovariateSpecs
+
+    spec = CovariateSpecs.coerce(covariates)
     wide = scores_to_wide(scores) if "idp" in scores.columns else scores
     idps = idps_of_wide(wide)
     n = len(wide)
@@ -301,17 +324,19 @@ def render_group_report(scores: pd.DataFrame, *, model_card: Mapping | None = No
 
     cohort = {"n_rows": n,
               "n_participants": int(wide["participant_id"].nunique()) if "participant_id" in wide else n,
-              "n_idps": len(idps), "age": None}
-    if "age" in wide.columns and wide["age"].notna().any():
-        cohort["age"] = (float(wide["age"].min()), float(wide["age"].median()), float(wide["age"].max()))
+              "n_idps": len(idps), "ranges": {}}
+    for col in spec.of_kind("continuous"):
+        if col in wide.columns and wide[col].notna().any():
+            values = pd.to_numeric(wide[col], errors="coerce")
+            cohort["ranges"][col] = (float(values.min()), float(values.median()), float(values.max()))
     counts = {}
-    for col in ("sex", "site"):
+    for col in spec.of_kind("categorical"):
         if col in wide.columns:
             counts[col] = wide[col].astype("str").value_counts().sort_index().to_dict()
 
     top = pd.DataFrame()
     if joint_z.size and np.isfinite(joint_z).any():
-        keep = [c for c in ("participant_id", "session_id", "age", "sex", "site", "joint_centile", "joint_z")
+        keep = [c for c in ("participant_id", "session_id", *spec.names, "joint_centile", "joint_z")
                 if c in wide.columns]
         top = wide.loc[np.argsort(-np.nan_to_num(joint_z, nan=-np.inf))[:10], keep].copy()
         available = set(map(str, subject_reports))

@@ -65,14 +65,16 @@ def write_subject_scores(output_dir: str | os.PathLike, scores: pd.DataFrame) ->
 
 
 def write_group_table(output_dir: str | os.PathLike, wide: pd.DataFrame, *,
-                      name: str = names.GROUP_TABLE_NAME, merge: bool = True) -> list[Path]:
+                      name: str = names.GROUP_TABLE_NAME, merge: bool = True, covariates=None) -> list[Path]:
     """Write the group tables (BIDS phenotype files, TSV + JSON) from a wide table; return the paths.
 
     BIDS phenotype files hold one row per participant, so rows with a session go to one file per session,
     ``phenotype/<name>_ses-<label>.tsv``, and rows without one to ``phenotype/<name>.tsv``.
     With ``merge=True`` the rows already in a file are kept unless ``wide`` has a row for the same
     participant, which replaces it: parallel participant-level jobs can each add their subjects. The
-    read-merge-write happens under the output folder's lock.
+    read-merge-write happens under the output folder's lock. ``covariates``: the covariate specification
+    the sidecar describes the covariate columns by
+    (:func:`~normdiff_bids.outputs.sidecars.column_descriptions`).
     """
     if "participant_id" not in wide.columns:
         raise ValueError("a phenotype table needs a participant_id column")
@@ -93,7 +95,7 @@ def write_group_table(output_dir: str | os.PathLike, wide: pd.DataFrame, *,
                 dup = sorted(set(table.loc[table["participant_id"].duplicated(), "participant_id"]))
                 raise ValueError(f"participants repeated within one session of the group table: {dup}")
             table = _phenotype_columns(table)
-            written.extend(write_tsv(table, path, phenotype_sidecar(table, idps_of_wide(table))))
+            written.extend(write_tsv(table, path, phenotype_sidecar(table, idps_of_wide(table), covariates)))
     return written
 
 

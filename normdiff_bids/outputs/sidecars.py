@@ -40,12 +40,19 @@ def _levels(series: pd.Series, describe) -> dict[str, str]:
     return {v: describe(v) for v in values}
 
 
-def column_descriptions(table: pd.DataFrame, idps: Sequence[str] | None = None) -> dict[str, dict]:
+def column_descriptions(table: pd.DataFrame, idps: Sequence[str] | None = None,
+                        covariates=None) -> dict[str, dict]:
     """A BIDS column description (LongName, Description, Units or Levels) for every column of ``table``.
 
     Knows the id, covariate and score columns of the tidy, wide and per-subject tables; any other column
-    is described as a covariate taken from participants.tsv / sessions.tsv.
+    is described as a covariate taken from participants.tsv / sessions.tsv. ``covariates``: the
+    covariate specification (:class:`~normdiff_bids.covariate_spec.CovariateSpecs` or its list form),
+    which says each covariate's source column and kind (categorical ones list their levels); without
+    it, only non-numeric columns are taken as categorical.
     """
+    from normdiff_bids.covariate_spec import CovariateSpecs
+
+    spec = CovariateSpecs.coerce(covariates) if covariates is not None else None
     idps = list(idps) if idps is not None else idps_of_wide(table)
     fields = {f"{idp}_{field}": (idp, field) for idp in idps for field in IDP_FIELDS}
     out: dict[str, dict] = {}
@@ -53,6 +60,8 @@ def column_descriptions(table: pd.DataFrame, idps: Sequence[str] | None = None) 
     for col in table.columns:
         if col in fields:
             out[col] = _idp_field(*fields[col])
+        elif spec is not None and col in spec:
+            out[col] = _covariate(col, table[col], spec[col])
         elif col in _KNOWN:
             out[col] = dict(_KNOWN[col])
         else:
@@ -165,17 +174,34 @@ def _idp_field(idp: str, field: str) -> dict:
     return base
 
 
-def _covariate(col: str, series: pd.Series) -> dict:
-    if col == "sex":
+def _covariate(col: str, series: pd.Series, spec=None) -> dict:
+    """A covariate column: by its role (``spec``, else its name: age, sex, site), else as a column of
+    participants.tsv (with its levels when it is categorical)."""
+    role = spec.role if spec is not None else col if col in ("age", "sex", "site") else None
+    source = "" if spec is None or spec.column == col else f" column {spec.column!r}"
+    if role == "age":
+        out = dict(_KNOWN["age"])
+        if source:
+            out["Description"] = f"Age at the session, as given in participants.tsv{source} or sessions.tsv"
+        return out
+    if role == "sex":
         text = {"F": "female", "M": "male", "0": "female (coded 0)", "1": "male (coded 1)"}
-        return {"LongName": "Sex", "Description": "Sex as given in participants.tsv (model covariate)",
+        return {"LongName": "Sex",
+                "Description": f"Sex as given in participants.tsv{source} (model covariate)",
                 "Levels": _levels(series, lambda v: text.get(v, v))}
-    if col == "site":
-        return {"LongName": "Acquisition site", "Description": "Site as given in participants.tsv (model "
-                "covariate)", "Levels": _levels(series, lambda v: f"site {v}")}
-    out = {"LongName": col, "Description": f"Covariate '{col}' as given in participants.tsv or sessions.tsv"}
-    if not pd.api.types.is_numeric_dtype(series) and series.nunique() <= 50:
-        out["Levels"] = _levels(series, lambda v: v)
+    if role == "site":
+        return {"LongName": "Acquisition site", "Description": f"Site as given in participants.tsv{source} "
+                "(model covariate)", "Levels": _levels(series, lambda v: f"site {v}")}
+    if spec is None:
+        out = {"LongName": col,
+               "Description": f"Covariate '{col}' as given in participants.tsv or sessions.tsv"}
+        if not pd.api.types.is_numeric_dtype(series) and series.nunique() <= 50:
+            out["Levels"] = _levels(series, lambda v: v)
+        return out
+    out = {"LongName": col, "Description": f"Covariate '{col}' of the model ({spec.kind}), as given in "
+                                           f"participants.tsv column {spec.column!r}"}
+    if spec.kind == "categorical":
+        out["Levels"] = _levels(series, lambda v: f"{col} {v}")
     return out
 
 
@@ -191,15 +217,16 @@ def subject_sidecar(table: pd.DataFrame) -> dict:
     }
 
 
-def phenotype_sidecar(table: pd.DataFrame, idps: Sequence[str]) -> dict:
-    """The sidecar of a group table (a wide table as a BIDS phenotype file)."""
+def phenotype_sidecar(table: pd.DataFrame, idps: Sequence[str], covariates=None) -> dict:
+    """The sidecar of a group table (a wide table as a BIDS phenotype file); ``covariates`` as in
+    :func:`column_descriptions`."""
     return {
         "Description": "normdiff-bids normative deviation scores, one row per participant (and session)",
         "MeasurementToolMetadata": {
             "Description": "Centiles and z-scores of FreeSurfer IDPs under a conditional denoising "
                            "diffusion normative model (normdiff-bids), and the joint deviation of all IDPs",
         },
-        **column_descriptions(table, idps=idps),
+        **column_descriptions(table, idps=idps, covariates=covariates),
     }
 
 
