@@ -51,7 +51,7 @@ def test_layer_uses_site_maps_where_there_are_enough_controls_and_round_trips():
     np.testing.assert_allclose(cal.inverse(cal.transform(u, codes), codes), u, atol=1e-10)
 
 
-def test_a_biased_map_is_corrected_by_unseen_values_only_beyond_chance():
+def test_a_biased_map_is_corrected_by_enough_unseen_values():
     rng = np.random.default_rng(3)
     mapping = ProbitMap.fit(rng.uniform(size=2000))
     # unseen controls that are systematically more extreme than the map expects: corrected
@@ -59,6 +59,12 @@ def test_a_biased_map_is_corrected_by_unseen_values_only_beyond_chance():
     fixed = mapping.corrected(biased)
     new = stats.norm.cdf(0.8 + 1.3 * rng.standard_normal(5000))
     assert _ks(fixed.transform(new)) < 0.06 and _ks(mapping.transform(new)) > 0.2
-    # unseen controls consistent with the map, or too few to tell: the map is kept
-    assert mapping.corrected(rng.uniform(size=100)) is mapping
+    # a shift of 1.8 standard errors, which a 2-SE threshold left alone, is corrected too
+    small = stats.norm.cdf(0.18 + rng.standard_normal(100))
+    shifted = stats.norm.cdf(0.18 + rng.standard_normal(20000))
+    assert _ks(mapping.corrected(small).transform(shifted)) < _ks(mapping.transform(shifted))
+    # unseen controls consistent with the map change it by no more than their noise; too few: kept
+    consistent = rng.uniform(size=100)
+    fresh = rng.uniform(size=20000)
+    assert _ks(mapping.corrected(consistent).transform(fresh)) < 0.12
     assert mapping.corrected(biased[:10]) is mapping

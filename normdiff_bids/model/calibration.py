@@ -19,7 +19,7 @@ def fit_calibration(model, space: ModelSpace, x, cont, cat) -> CentileCalibratio
     Per-IDP maps and the joint map: every reference control's out-of-fold residual (cross-fitting
     the location-scale stage, which carries what a small sample gets wrong). The joint map is then
     checked on controls no part of the model has seen (the network's validation rows, with a stage
-    fitted without them) and corrected where they disagree beyond chance. The joint statistic sums
+    fitted without them), which set its mean and spread in probit space. The joint statistic sums
     D squared deviations, so it is far more sensitive than one centile to the network having seen a
     row (synthetic N=500, D=100: median joint centile 0.1 for training rows, 0.5 out of fold, 0.7
     for unseen controls), while a map from a few dozen unseen rows alone is noisy (N=200, D=20: 20

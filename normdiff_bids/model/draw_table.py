@@ -85,9 +85,10 @@ class DrawTable:
 
     # -- persistence: tensors in the bundle's safetensors file, settings in model.json -----------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{TENSOR_PREFIX}points_cont": torch.from_numpy(np.ascontiguousarray(self.points_cont)),
-                f"{TENSOR_PREFIX}points_cat": torch.from_numpy(np.ascontiguousarray(self.points_cat)),
-                f"{TENSOR_PREFIX}samples": torch.from_numpy(np.ascontiguousarray(self.samples))}
+        # a loaded table's arrays are read-only views of the bundle's cache: writable copies for torch
+        names = ("points_cont", "points_cat", "samples")
+        return {f"{TENSOR_PREFIX}{name}": torch.from_numpy(np.require(getattr(self, name), requirements="CW"))
+                for name in names}
 
     @classmethod
     def from_tensors(cls, settings: dict, tensors: dict[str, torch.Tensor]) -> DrawTable:

@@ -127,7 +127,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         Keep an exponential moving average of the weights (e.g. 0.999) and use it for validation,
         the best checkpoint and sampling.
     patience : int or None
-        Early-stopping patience in epochs; ``None``: ``max(25, epochs // 8)``.
+        Early-stopping patience in epochs; ``None``: ``max(25, epochs // 16)``.
     covariate_grid : "auto" | "off"
         How scoring places its draws. ``"off"``: draws at every distinct covariate row (exact).
         ``"auto"``: when the model has exactly one continuous covariate (age), draws on a fixed grid

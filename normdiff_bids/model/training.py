@@ -35,7 +35,7 @@ class TrainingSettings:
     """How to train, resolved by the estimator from its parameters, its preset and the backbone's entry.
 
     ``epoch_budget(n_train)`` gives the maximum epochs once the validation split is known;
-    ``patience=None`` is ``max(25, epochs // 8)``; ``plateau_on`` is ``"validation"`` (when there is a
+    ``patience=None`` is ``max(25, epochs // 16)``; ``plateau_on`` is ``"validation"`` (when there is a
     validation split) or ``"train"``; ``plateau_patience=None`` is ``max(10, epochs // 20)`` epochs.
     """
 
@@ -91,7 +91,7 @@ def train_denoiser(encoder: nn.Module, network: nn.Module, diffusion, x: np.ndar
     per_epoch = max(1, n_train // batch_size)
     # validate often enough to stop early, rarely enough not to dominate tiny epochs
     val_every = max(1, math.ceil(4 / per_epoch)) if n_val else 1
-    patience = settings.patience if settings.patience is not None else max(25, epochs // 8)
+    patience = settings.patience if settings.patience is not None else max(25, epochs // 16)
     plateau = settings.plateau_patience if settings.plateau_patience is not None else max(10, epochs // 20)
     on_validation = settings.plateau_on == "validation" and n_val > 0
     modules = nn.ModuleDict({"encoder": encoder, "network": network})

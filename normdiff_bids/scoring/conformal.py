@@ -93,12 +93,15 @@ class ProbitMap:
         return np.clip(ndtr(self.inverse_z(ndtri(u))), CENTILE_FLOOR, 1 - CENTILE_FLOOR)
 
     def corrected(self, held_out: np.ndarray) -> ProbitMap:
-        """This map, followed by an affine correction in probit space learnt from ``held_out`` centiles
-        (of data this map was not learnt from) where they show a shift or spread that chance does not
-        explain (beyond 2 standard errors); otherwise this map unchanged.
+        """This map, followed by the affine correction in probit space that makes ``held_out`` centiles
+        (of data this map was not learnt from) standard normal in mean and spread.
 
         It lets a map learnt from many slightly biased values be checked and corrected by a few unbiased
-        ones without taking on all of their noise.
+        ones. The correction is always applied (from :data:`MIN_CHECK_VALUES` values on): with a map
+        whose bias is systematic, a 2-standard-error threshold left real shifts uncorrected (synthetic
+        N=500, D=100, 20 sites, 50 unseen controls, three seeds: held-out joint KS 0.132, 0.136, 0.031
+        with the threshold, 0.061, 0.066, 0.031 always corrected; N=1000, D=20: 0.039 and 0.055 against
+        0.040 and 0.057, the noise the few unseen values add).
         """
         u = np.asarray(held_out, dtype=np.float64).ravel()
         u = u[np.isfinite(u)]
@@ -106,9 +109,7 @@ class ProbitMap:
             return self
         z = self.transform_z(ndtri(np.clip(u, CENTILE_FLOOR, 1 - CENTILE_FLOOR)))
         shift, spread = float(z.mean()), float(z.std(ddof=1))
-        shifted = abs(shift) > 2.0 / np.sqrt(len(z))
-        spread_off = abs(np.log(spread)) > 2.0 * np.sqrt(1.0 / (2 * (len(z) - 1)))
-        if not (shifted or spread_off):
+        if not spread > 0:
             return self
         return ProbitMap(self.x, (self.y - shift) / spread)
 
@@ -149,7 +150,7 @@ class CentileCalibration:
             joint_unseen: np.ndarray | None = None) -> CentileCalibration:
         """Maps from held-out ``centiles [n, D]`` of controls at ``sites [n]`` and their joint centiles;
         ``joint_unseen``: joint centiles of controls no part of the model has seen, which check (and
-        where they disagree beyond chance, correct) the joint map (:meth:`ProbitMap.corrected`)."""
+        correct) the joint map (:meth:`ProbitMap.corrected`)."""
         centiles = np.asarray(centiles, dtype=np.float64)
         sites = np.asarray(sites, dtype=np.int64).reshape(-1)
         counts = {int(s): int((sites == s).sum()) for s in np.unique(sites)}

@@ -36,7 +36,7 @@ _BUILTIN = {
 #: Diffusion denoisers need many optimiser steps more than many passes over the data, so the budget is
 #: set in steps: about 6,000 AdamW steps (the calibration probes converged within 4,000 at D=10), at
 #: least 100 and at most 2,000 epochs, and at most 8e6 training rows processed in all. The row cap is the
-#: time limit: a training row of the default FiLM-MLP (~0.9M parameters; FiLM parameters are per row in
+#: time limit: a training row of the default FiLM-MLP (~0.6M parameters; FiLM parameters are per row in
 #: training) costs about 3x a sampling evaluation plus the FiLM layer, ~70 us on 2 CPU cores, so 8e6 rows
 #: is about 9-10 minutes with validation, and a 10,000 x 200 cohort (6,000 steps = 667 epochs = 6e6 rows)
 #: fits within the 15-minute target. D does not enter: only the FiLM-MLP's first and last layers grow

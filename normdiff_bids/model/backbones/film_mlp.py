@@ -64,7 +64,8 @@ class FiLMMLPConfig(ConfigDict):
 #: ``"paper"``: the reference network (8 blocks x 384, BatchNorm, dropout 0.1, no residuals), about
 #: 2.0M parameters with a 128-d time embedding (D=20, C=8).
 #:
-#: ``"default"``: 6 blocks x 256 with residual connections and LayerNorm, about 0.9M parameters. Why:
+#: ``"default"``: 4 blocks x 256 with residual connections and LayerNorm, about 0.6M parameters (it had 6
+#: blocks: 4 cost two thirds per evaluation at the same held-out calibration, docs/method.md). Why:
 #: (1) cost: a network evaluation costs about 3x less than "paper" on 2 CPU cores (22 vs 71 us per
 #: sample, grouped, D=200; docs/method.md), and both training (a 10k x 200 cohort must fit in 15 min)
 #: and scoring (1000 samples x ~20 evaluations per subject) scale with it; (2) residual paths keep the
@@ -73,7 +74,7 @@ class FiLMMLPConfig(ConfigDict):
 #: batches that mix timesteps do not share batch statistics, and eval needs no running statistics.
 FILM_MLP_PRESETS: dict[str, FiLMMLPConfig] = {
     "paper": FiLMMLPConfig(hidden=384, n_blocks=8, dropout=0.1, norm="batch", residual=False),
-    "default": FiLMMLPConfig(hidden=256, n_blocks=6, dropout=0.1, norm="layer", residual=True),
+    "default": FiLMMLPConfig(hidden=256, n_blocks=4, dropout=0.1, norm="layer", residual=True),
 }
 
 
