@@ -9,6 +9,7 @@ is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -42,10 +43,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_file(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise disk_full(path, exc) from None
         raise
+
+
+#: Errors of a full disk or an exhausted quota.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def disk_full(path: Path, exc: OSError):
+    """The user-facing error for a write that found the disk (or the quota) full."""
+    from normdiff_bids.errors import OutputError
+
+    return OutputError(f"{path}: {exc.strerror} while writing it; nothing was half-written (the files "
+                       f"already there are intact): free space in {path.parent} or choose another output "
+                       f"folder, then rerun (with the same --work-dir, finished steps are reused)")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

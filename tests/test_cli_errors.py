@@ -413,3 +413,33 @@ def test_a_further_covariate_the_model_lacks_is_refused_at_the_participant_level
                                           "diagnosis"), out)
     assert ("covariate 'diagnosis' (--covariate) is not one of the model's covariates (age, sex, site); "
             "leave out --covariate diagnosis") in message
+
+
+def test_a_disk_that_fills_up_mid_write_loses_nothing(capsys, monkeypatch, bids, out):
+    """ENOSPC while a participant's files are written: a clear message and non-zero exit, every earlier
+    output byte-identical, no partial or temporary file left."""
+    import errno
+
+    from normdiff_bids import atomic
+
+    assert main(participant(bids, out, "--participant-label", "004")) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    real_fsync = atomic._fsync_file
+
+    def full_disk(path):
+        if "sub-005" in Path(path).name or "sub-005" in str(Path(path).parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_fsync(path)
+
+    monkeypatch.setattr(atomic, "_fsync_file", full_disk)
+    status = main(participant(bids, out, "--participant-label", "005"))
+    err = capsys.readouterr().err
+    assert status == 3 and "Traceback" not in err
+    assert "No space left on device while writing it" in err and "free space" in err, err
+    assert "sub-005_desc-deviations_scores.tsv:" in err and ".tmp" not in err, err
+    after = snapshot(out)
+    changed = {k for k, v in before.items() if after.get(k) != v}
+    assert changed <= {"dataset_description.json"} or all(k.startswith("logs/") for k in changed), changed
+    assert not [p for p in out.rglob("*.tmp")]
+    assert not [p for p in out.rglob("*sub-005*") if p.is_file() and p.stat().st_size == 0]

@@ -25,7 +25,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from normdiff_bids.errors import NormdiffError
+from normdiff_bids.errors import NormdiffError, OutputError
 
 _MAP_MEASURE = re.compile(r"_desc-([A-Za-z0-9]+)_zmap\.nii(\.gz)?$")
 
@@ -134,7 +134,7 @@ class SubjectOutputs(SimpleInterface):
         name = self.inputs.model_name if isdefined(self.inputs.model_name) else None
         covariates = self.inputs.covariates if isdefined(self.inputs.covariates) else None
         self._results["out_files"], self._results["out_reports"] = [], []
-        failed = []
+        failed, unsafe_output = [], []
         for subject in self.inputs.subjects:
             pid, ses = subject["participant_id"], subject.get("session_id") or None
             try:
@@ -147,10 +147,12 @@ class SubjectOutputs(SimpleInterface):
                     files, report = write_subject_outputs(self.inputs.output_dir, row, **where)
             except (NormdiffError, OSError, ValueError) as err:
                 failed.append(f"{pid}{' ' + ses if ses else ''}: {err}")
+                unsafe_output.append(isinstance(err, OutputError))
                 continue
             self._results["out_files"] += files
             self._results["out_reports"].append(report)
         if failed:
-            raise NormdiffError(f"{len(failed)} of {len(self.inputs.subjects)} subjects of this batch "
+            error = OutputError if all(unsafe_output) else NormdiffError  # exit 3 when only the output failed
+            raise error(f"{len(failed)} of {len(self.inputs.subjects)} subjects of this batch "
                                 f"failed (the others' outputs are written):\n  " + "\n  ".join(failed))
         return runtime
