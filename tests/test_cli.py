@@ -241,11 +241,11 @@ def test_reports_only_rewrites_reports_and_nothing_else(bids, group_out, tmp_pat
 
 def test_slurm_plugin_gets_a_logname_where_the_environment_has_none(monkeypatch):
     """Nipype's SLURM plugin names jobs after $LOGNAME; batch jobs and containers often lack it."""
-    from normdiff_bids.cli import run as cli_run
+    from normdiff_bids.cli import execution
 
     monkeypatch.delenv("LOGNAME", raising=False)
-    cli_run._default_logname()
+    execution._default_logname()
     assert os.environ["LOGNAME"]
     monkeypatch.setenv("LOGNAME", "someone")
-    cli_run._default_logname()
+    execution._default_logname()
     assert os.environ["LOGNAME"] == "someone"

@@ -276,7 +276,7 @@ def test_model_options_naming_no_field_fail_before_any_work(capsys, monkeypatch,
     def no_work(*args, **kwargs):
         raise AssertionError("the inputs were read although the options are invalid")
 
-    monkeypatch.setattr("normdiff_bids.cli.run._collect", no_work)
+    monkeypatch.setattr("normdiff_bids.cli.checks._collect", no_work)
     out = tmp_path / "out"
     argv = [str(bids), str(out), "group", *TINY_ARGS,
             "--model-options", '{"backbone_config": {"width": 128}}']
@@ -292,7 +292,7 @@ def test_device_this_machine_lacks_fails_up_front(capsys, monkeypatch, bids, tmp
 
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    monkeypatch.setattr("normdiff_bids.cli.run._collect", lambda *a, **k: pytest.fail("inputs were read"))
+    monkeypatch.setattr("normdiff_bids.cli.checks._collect", lambda *a, **k: pytest.fail("inputs were read"))
     out = tmp_path / "out"
     message = refused(capsys, [str(bids), str(out), "group", *TINY_ARGS, "--device", device], out)
     assert f"--device {device}" in message and ("--device cpu" in message or "--device auto" in message)

@@ -4,6 +4,9 @@
 :func:`read_subject_idps` reads a subject's ``stats`` folder into IDPs named as FreeSurfer's
 ``asegstats2table`` / ``aparcstats2table`` name them, harmonised to FreeSurfer 7 spelling by
 :data:`FS6_TO_FS7`.
+
+One module (about 400 lines) on purpose: it is the one reader of one file format, and its tables
+(:data:`FS6_TO_FS7`, :data:`PARCELLATIONS`, the table columns) serve both the parser and the IDP naming.
 """
 
 from __future__ import annotations

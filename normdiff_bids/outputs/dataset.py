@@ -1,39 +1,38 @@
 """The derivatives dataset as a whole: checking the output folder, ``dataset_description.json``,
-``descriptions.tsv``, ``.bidsignore``, README, and a lock so that parallel jobs can share one output
-folder.
+``descriptions.tsv``, ``.bidsignore`` and the README.
 
 Files shared between jobs (``dataset_description.json``, ``.bidsignore``, group tables) are only
-changed as read-merge-write under :func:`output_lock`, and always replaced atomically, so two
-participant-level jobs writing into one folder at once both succeed and nothing is lost.
+changed as read-merge-write under :func:`~normdiff_bids.outputs.lock.output_lock`, and always replaced
+atomically, so two participant-level jobs writing into one folder at once both succeed and nothing is
+lost. The lock (``outputs/lock.py``) and the model cards (``outputs/model_card.py``) are re-exported here
+for the old import path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import tempfile
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_write_text
-from normdiff_bids.bidsio import json_ready, write_json
+from normdiff_bids.bidsio import write_json
 from normdiff_bids.errors import OutputError
 from normdiff_bids.outputs import names
+from normdiff_bids.outputs.lock import LOCK_NAME, LOCK_TIMEOUT_S, output_lock
+from normdiff_bids.outputs.model_card import write_model_card
 
-if TYPE_CHECKING:
-    from filelock import FileLock
+__all__ = ["BIDSIGNORE_PATTERNS", "BIDS_VERSION", "LOCK_NAME", "LOCK_TIMEOUT_S", "PIPELINE_NAME", "bids_uri",
+           "check_output_dir", "dataset_description", "generated_by", "output_lock", "prepare_output_dir",
+           "write_model_card"]
 
 PIPELINE_NAME = "normdiff-bids"
 #: BIDS version the derivatives follow.
 BIDS_VERSION = "1.10.0"
-#: Lock file shared by jobs writing into one output folder (a dot-file: the BIDS validator skips it).
-LOCK_NAME = ".normdiff.lock"
 
 #: Files BIDS has no name for, declared so the validator does not flag them. Everything else
 #: (dataset_description.json, README.md, phenotype/ tables) is plain BIDS.
@@ -79,56 +78,6 @@ _DESCRIPTIONS_SIDECAR = {
     "description": {"LongName": "Description",
                     "Description": "What the files with this desc label hold"},
 }
-
-#: Seconds a job waits for the output lock. Jobs hold it only to merge a shared file (well under a
-#: second) or to install a model, so a lock held this long belongs to a job that hangs.
-LOCK_TIMEOUT_S = 600.0
-
-_locks: dict[Path, FileLock] = {}
-_locks_guard = threading.Lock()
-
-
-def _file_lock(path: Path) -> FileLock:
-    """The one lock object of ``path`` in this process: re-entrant within a thread, exclusive between
-    threads (each thread holds its own descriptor) and between processes."""
-    from filelock import FileLock  # here: checking an output folder needs only the standard library
-
-    with _locks_guard:
-        lock = _locks.get(path)
-        if lock is None:
-            lock = _locks[path] = FileLock(path, thread_local=True)
-        return lock
-
-
-@contextlib.contextmanager
-def output_lock(output_dir: str | os.PathLike, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold an exclusive lock on ``output_dir``: wait for other jobs (at most ``timeout`` seconds).
-
-    A :class:`filelock.FileLock` on ``<output_dir>/.normdiff.lock`` (``flock`` on POSIX,
-    ``msvcrt.locking`` on Windows) serialises processes (Nipype MultiProc workers, SLURM array tasks
-    sharing a file system) and threads; a thread that holds it may take it again. On POSIX the lock file
-    is left in place, so that every waiting job locks the same file. Raises :class:`OutputError` naming
-    the lock file when it cannot be created or is still held after ``timeout`` seconds.
-    """
-    from filelock import Timeout
-
-    path = (Path(output_dir) / LOCK_NAME).absolute()
-    lock = _file_lock(path)
-    try:
-        lock.acquire(timeout=timeout)
-    except Timeout:
-        raise OutputError(
-            f"the output folder {path.parent} is locked by another normdiff-bids run writing into it: its "
-            f"lock file {path} was still held after {timeout:g} s; wait for that run to finish and rerun, "
-            f"or, if no other run uses this folder (one was killed on a file system without working "
-            f"locks), remove the stale lock file {path}") from None
-    except OSError as err:
-        raise OutputError(f"cannot create the lock file {path}: {err.strerror or err}; "
-                          "check that the output folder is writable") from err
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def generated_by(environ: Mapping[str, str] | None = None) -> dict:
@@ -440,31 +389,3 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def write_model_card(output_dir: str | os.PathLike, card: Mapping, name: str = "default") -> list[Path]:
-    """Write a model card beside its bundle: ``models/<name>_modelcard.json`` and a readable ``.md``.
-
-    The card lives outside the bundle folder so that the bundle's own files stay exactly as saved.
-    """
-    output_dir = Path(output_dir)
-    json_path = output_dir / names.model_card_path(name, ".json")
-    md_path = output_dir / names.model_card_path(name, ".md")
-    write_json(json_path, dict(card))
-    lines = [f"# Model card: {name}", ""]
-    lines += _markdown_rows(card)
-    atomic_write_text(md_path, "\n".join(lines) + "\n")
-    return [json_path, md_path]
-
-
-def _markdown_rows(card: Mapping, prefix: str = "") -> list[str]:
-    rows = []
-    for key, value in card.items():
-        if isinstance(value, Mapping) and value:
-            rows.extend(_markdown_rows(value, prefix=f"{prefix}{key}."))
-        elif isinstance(value, list) and len(value) > 12:
-            rows.append(f"- **{prefix}{key}**: {len(value)} items: {', '.join(map(str, value[:8]))}, ...")
-        else:
-            text = json.dumps(json_ready(value)) if isinstance(value, Mapping | list) else str(value)
-            rows.append(f"- **{prefix}{key}**: {text}")
-    return rows

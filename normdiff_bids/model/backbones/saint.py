@@ -2,6 +2,10 @@
 
 The backbone of the paper's high-dimensional setting (DESIGN section 1), with the paper's configuration as
 :meth:`SAINTConfig.paper` and a compute-budgeted default as :meth:`SAINTConfig.budgeted`.
+
+One module (about 400 lines) on purpose: the budgeted preset sizes the network by the forward FLOPs of
+the layers defined here (:meth:`SAINTConfig.forward_flops`), so the config and the network it counts
+change together.
 """
 
 from __future__ import annotations
