@@ -14,6 +14,7 @@
 #       --ca-bundle FILE     certificates pip trusts in the build, for a network whose TLS is intercepted
 #                            (Podman only; default: this machine's pip `cert` setting, if any)
 #       --make-base          build the stand-in base below even when the base image can be pulled
+#       --base-only          only make sure the base image is there, and print its name
 #   -h, --help
 #
 # On a machine that reaches a container registry and download.pytorch.org this is just `podman build`
@@ -52,6 +53,7 @@ torch_index=${NORMDIFF_TORCH_INDEX_URL:-}
 read -r -a wheels <<<"${NORMDIFF_WHEELS:-}"
 wheels_given=${NORMDIFF_WHEELS:+1}
 make_base=0
+base_only=0
 standin=${NORMDIFF_STANDIN_BASE:-localhost/normdiff-base:bookworm-python3.11}
 mirror=${NORMDIFF_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 pull_timeout=${NORMDIFF_PULL_TIMEOUT:-120}
@@ -69,6 +71,7 @@ while (($#)); do
         --no-wheels) wheels=(); wheels_given=1 ;;
         --ca-bundle) ca_bundle=${2:?"$1 needs a value"}; shift ;;
         --make-base) make_base=1 ;;
+        --base-only) base_only=1 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; extra=("$@"); break ;;
         *) usage >&2; die "unknown option $1" ;;
@@ -83,6 +86,7 @@ if [[ -z $engine ]]; then
     fi
 fi
 command -v "$engine" >/dev/null || die "$engine is not on PATH"
+"$engine" info >/dev/null 2>&1 || die "$engine info fails: $("$engine" info 2>&1 | grep -v '^$' | tail -n 1)"
 [[ -f $containerfile ]] || die "no Containerfile at $containerfile"
 base=${base:-$(containerfile_arg BASE_IMAGE)}
 
@@ -146,6 +150,11 @@ else
     say "base image $base cannot be pulled"
     make_standin_base
     base=$standin
+fi
+
+if ((base_only)); then
+    echo "$base"
+    exit 0
 fi
 
 # 2. Wheel folders (Podman mounts them into the build; `docker build` has no such option).
