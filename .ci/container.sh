@@ -97,8 +97,12 @@ runnable "$base" || give_up "podman cannot run a container here: $(grep -v '^$' 
 
 before=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null)
 (($(left) > 30)) || give_up "no time left to build the image"
+containers=$(podman ps -a --external -q --no-trunc | sort)
 if ! NORMDIFF_BASE_IMAGE=$base timeout --kill-after=30 "$(left)" "$root/workflows/build_container.sh" \
         --tag "$tag" >"$dir/build.log" 2>&1; then
+    # A build cut short leaves its working containers behind (the layers it finished stay cached).
+    comm -13 <(echo "$containers") <(podman ps -a --external -q --no-trunc | sort) \
+        | xargs -r podman rm -f >/dev/null 2>&1
     give_up "the image did not build in time, see $dir/build.log: $(grep -v '^$' "$dir/build.log" | tail -n 1)"
 fi
 after=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null)
