@@ -118,6 +118,14 @@ def test_the_package_is_installed_with_pip_from_everything_its_build_needs(instr
         assert pattern.rstrip("*") in copied  # the package folder, with its package data (templates)
 
 
+def test_the_build_context_holds_what_is_copied_and_little_else(instructions):
+    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*"  # everything is left out ...
+    copied = {src for w, r in instructions if _from_context(w, r) for src in r.split()[:-1]}
+    assert {f"!{src.rstrip('/')}" for src in copied} <= set(ignore)  # ... but what the Containerfile copies
+
+
 def test_the_package_comes_with_the_bids_validator(instructions, pyproject):
     install = next(r for w, r in instructions if w == "RUN" and PACKAGE_INSTALL.search(r))
     from normdiff_bids.data.validation import VALIDATOR
