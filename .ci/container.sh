@@ -15,6 +15,8 @@
 set -uo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=.ci/apt.sh
+. "$root/.ci/apt.sh"
 dir=${1:-${NORMDIFF_CONTAINER_DIR:-${TMPDIR:-/tmp}/normdiff-container}}
 timeout_s=${NORMDIFF_CONTAINER_TIMEOUT:-600}
 tag=${NORMDIFF_CONTAINER_TAG_CI:-normdiff-bids:ci}
@@ -40,18 +42,7 @@ install() {
         give_up "podman is not installed, and apt-get is not usable here"
     fi
     [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null || return 0  # podman is there: try with it
-    local apt=(apt-get -q -y -o DPkg::Lock::Timeout=10 --no-install-recommends)
-    export DEBIAN_FRONTEND=noninteractive
-    # As in slurm.sh: the budget bounds the download; dpkg, once started, is given room to finish.
-    if ! timeout "$(left)" "${apt[@]}" --download-only install "${missing[@]}" >"$dir/apt.log" 2>&1; then
-        (($(left) > 5)) || give_up "downloading ${missing[*]} took too long"
-        timeout "$(left)" apt-get -q update >>"$dir/apt.log" 2>&1
-        (($(left) > 5)) || give_up "apt-get update took too long"
-        timeout "$(left)" "${apt[@]}" --download-only install "${missing[@]}" >>"$dir/apt.log" 2>&1 \
-            || give_up "apt-get could not download ${missing[*]} in time, see $dir/apt.log"
-    fi
-    timeout 300 "${apt[@]}" install "${missing[@]}" >>"$dir/apt.log" 2>&1 \
-        || give_up "apt-get could not install ${missing[*]}, see $dir/apt.log"
+    apt_install_within_budget "${missing[*]}" "${missing[@]}"
 }
 
 # podman run works, as is or with DIR/containers.conf; on success CONTAINERS_CONF is set if needed.

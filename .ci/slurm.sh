@@ -10,6 +10,8 @@
 # what it started and exits 0, and the test skips. No munge: auth/none and cred/none, the node is this host
 # (reached on 127.0.0.1), processes are tracked through /proc (no cgroups), and memory is not scheduled.
 set -uo pipefail
+# shellcheck source=.ci/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 cmd=${1:-}
 dir=${2:-${NORMDIFF_SLURM_DIR:-${TMPDIR:-/tmp}/normdiff-slurm}}
@@ -70,21 +72,7 @@ install() {
     if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
         give_up "slurm-wlm is not installed, and apt-get is not usable here"
     fi
-    local apt=(apt-get -q -y -o DPkg::Lock::Timeout=10 --no-install-recommends)
-    local packages=(slurmctld slurmd slurm-client)
-    export DEBIAN_FRONTEND=noninteractive
-    # The download is what can take long, so the budget bounds it; unpacking from the cache takes seconds,
-    # and is given more room: dpkg killed half-way would leave the machine's packages broken.
-    if ! timeout "$(left)" "${apt[@]}" --download-only install "${packages[@]}" >"$dir/apt.log" 2>&1; then
-        # A fresh image may have no package lists yet.
-        (( $(left) > 5 )) || give_up "downloading slurm-wlm took too long"
-        timeout "$(left)" apt-get -q update >>"$dir/apt.log" 2>&1
-        (( $(left) > 5 )) || give_up "apt-get update took too long"
-        timeout "$(left)" "${apt[@]}" --download-only install "${packages[@]}" >>"$dir/apt.log" 2>&1 \
-            || give_up "apt-get could not download slurm-wlm in time, see $dir/apt.log"
-    fi
-    timeout 300 "${apt[@]}" install "${packages[@]}" >>"$dir/apt.log" 2>&1 \
-        || give_up "apt-get could not install slurm-wlm, see $dir/apt.log"
+    apt_install_within_budget slurm-wlm slurmctld slurmd slurm-client
 }
 
 write_conf() {

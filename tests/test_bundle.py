@@ -86,9 +86,8 @@ def test_a_hand_edited_model_json_is_refused(bundle):
         load_bundle(path)
 
 
-def test_each_file_is_read_once_and_parsed_from_the_checked_bytes(bundle, monkeypatch):
-    """What is verified is what is loaded: no file is opened a second time after its check."""
-    path, _, _ = bundle
+def _count_reads(monkeypatch) -> list[str]:
+    """The names of the files read with ``Path.read_bytes`` from now on, in order."""
     reads = []
     original = Path.read_bytes
 
@@ -97,6 +96,13 @@ def test_each_file_is_read_once_and_parsed_from_the_checked_bytes(bundle, monkey
         return original(self)
 
     monkeypatch.setattr(Path, "read_bytes", counting)
+    return reads
+
+
+def test_each_file_is_read_once_and_parsed_from_the_checked_bytes(bundle, monkeypatch):
+    """What is verified is what is loaded: no file is opened a second time after its check."""
+    path, _, _ = bundle
+    reads = _count_reads(monkeypatch)
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: pytest.fail(f"{self} read as text"))
     monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail(f"{a[0]} opened again"))
     load_bundle(path)
@@ -106,14 +112,7 @@ def test_each_file_is_read_once_and_parsed_from_the_checked_bytes(bundle, monkey
 def test_a_bundle_loaded_again_in_one_process_is_not_read_again_until_a_file_changes(bundle, monkeypatch):
     path, tensors, _ = bundle
     load_bundle(path)
-    reads = []
-    original = Path.read_bytes
-
-    def counting(self):
-        reads.append(self.name)
-        return original(self)
-
-    monkeypatch.setattr(Path, "read_bytes", counting)
+    reads = _count_reads(monkeypatch)
     again, meta = load_bundle(path)
     assert reads == ["manifest.json"] and torch.equal(again["backbone.w"], tensors["backbone.w"])
     meta["idps"].append("changed by the caller")  # each caller gets its own copy
