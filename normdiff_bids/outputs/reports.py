@@ -20,6 +20,7 @@ from markupsafe import Markup
 
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_write_text
+from normdiff_bids.conventions import preview
 from normdiff_bids.outputs import figures, names
 from normdiff_bids.outputs.regions import describe_idp
 from normdiff_bids.outputs.score_tables import covariate_columns, given_idps, idps_of_wide, scores_to_wide
@@ -284,11 +285,25 @@ _CARD_HEADLINE = {
 }
 
 
+def _covariate_text(cov: Mapping) -> str:
+    """One covariate of the model card as a reader wants it: ``age (continuous, 8.4 to 84.5)``."""
+    name, kind = cov.get("name", "?"), cov.get("kind", "?")
+    if kind == "continuous" and isinstance(cov.get("range"), list | tuple) and len(cov["range"]) == 2:
+        low, high = cov["range"]
+        return f"{name} (continuous, {low:.4g} to {high:.4g})"
+    levels = cov.get("levels")
+    if isinstance(levels, list):
+        return f"{name} ({kind}: {preview([str(v) for v in levels], n=8)})"
+    return f"{name} ({kind})"
+
+
 def _card_rows(card: Mapping, prefix: str = "") -> list[tuple[str, str]]:
     rows = []
     for key, value in card.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        if name == "covariates" and isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
+            rows.append((name, "; ".join(_covariate_text(v) for v in value)))
+        elif isinstance(value, Mapping) and value:
             rows.extend(_card_rows(value, prefix=f"{name}."))
         elif isinstance(value, list) and len(value) > 12:
             rows.append((name, f"{len(value)} items: " + ", ".join(map(str, value[:8])) + ", \u2026"))
