@@ -134,6 +134,7 @@ def test_calibration_fragments_are_embedded_as_they_are():
 def test_the_model_cards_covariates_read_as_text_not_json():
     from normdiff_bids.outputs.reports import _card_rows
 
-    card = {"covariates": [{"name": "age", "kind": "continuous", "mean": 51.1, "sd": 21.3, "range": [8.36, 84.5]},
-                           {"name": "site", "kind": "categorical", "levels": ["site1", "site2"]}]}
-    assert _card_rows(card) == [("covariates", "age (continuous, 8.36 to 84.5); site (categorical: site1, site2)")]
+    age = {"name": "age", "kind": "continuous", "mean": 51.1, "sd": 21.3, "range": [8.36, 84.5]}
+    site = {"name": "site", "kind": "categorical", "levels": ["site1", "site2"]}
+    rows = _card_rows({"covariates": [age, site]})
+    assert rows == [("covariates", "age (continuous, 8.36 to 84.5); site (categorical: site1, site2)")]
