@@ -115,7 +115,7 @@ def test_without_the_validator_the_run_warns_and_goes_on(monkeypatch, capsys, bi
 @pytest.mark.parametrize("flag, reason", [("skip_bids_validation", "--skip-bids-validation"),
                                           ("reports_only", "--reports-only")])
 def test_skip_and_reports_only_do_not_run_the_validator(monkeypatch, tmp_path, flag, reason):
-    monkeypatch.setattr("normdiff_bids.data.validation.validate_bids",
+    monkeypatch.setattr("normdiff_bids.data.validation.start_validator",
                         lambda *a, **k: pytest.fail("the validator ran"))
     opts = SimpleNamespace(skip_bids_validation=False, reports_only=False, work_dir=None, quiet=True)
     setattr(opts, flag, True)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from normdiff_bids.cli.execution import n_cores, plugin_settings
 from normdiff_bids.cli.plan import Plan, say
+from normdiff_bids.cli.validation import finish_validation, start_validation, stop_validation
 from normdiff_bids.conventions import preview
 from normdiff_bids.covariate_spec import CovariateSpecs
-from normdiff_bids.errors import InputError, OutputError, ProblemCollector
+from normdiff_bids.errors import InputError, NormdiffError, OutputError, ProblemCollector
 
 
 def check_inputs(opts, levels) -> Plan:
@@ -69,14 +70,22 @@ def check_inputs(opts, levels) -> Plan:
                  f"--nprocs; training and scoring will compete for cores (lower --omp-nthreads or raise "
                  f"--nprocs)", always=True)
 
-    plan.validation = validate_dataset(opts, plan)
-
-    if "group" in levels:
-        _check_group(opts, plan)
-        idps = plan.base_model.idps_ if plan.base_model is not None else _idp_columns(plan.table, plan)
-    elif "participant" in levels:
-        check_model(opts, plan, plan.model_dir)
-        idps = plan.model.idps_
+    # The validator runs while the other inputs are read; its errors come first, as if it had run alone.
+    validation = start_validation(opts, plan)
+    try:
+        if "group" in levels:
+            _check_group(opts, plan)
+            idps = plan.base_model.idps_ if plan.base_model is not None else _idp_columns(plan.table, plan)
+        elif "participant" in levels:
+            check_model(opts, plan, plan.model_dir)
+            idps = plan.model.idps_
+    except NormdiffError:
+        finish_validation(opts, plan, validation)
+        raise
+    except BaseException:
+        stop_validation(validation)
+        raise
+    plan.validation = finish_validation(opts, plan, validation)
     _check_condition_on(opts.condition_on, idps)
     if getattr(opts, "reports_only", False):
         _check_reports_only(plan)
@@ -101,40 +110,6 @@ def _model_covariates(plan: Plan, model) -> CovariateSpecs:
     kinds = {**{c.name: "continuous" for c in schema.continuous},
              **{c.name: "categorical" for c in schema.categorical}}
     return plan.covariates.for_model(list(model.covariates), kinds)
-
-
-def validate_dataset(opts, plan: Plan) -> dict:
-    """Run the BIDS validator on the input dataset (once per run, before any output is written).
-
-    Its errors stop the run (an :class:`InputError` in the validator's words); its warnings are one line.
-    Without the validator (not installed, failed, out of time) the run goes on with a warning. Only the
-    selected participants' files count, and nothing inside the run's own output, work and FreeSurfer
-    folders. Returns what the run record keeps.
-    """
-    from normdiff_bids.data.validation import (
-        INSTALL_HINT,
-        VALIDATOR,
-        ValidatorUnavailable,
-        validate_bids,
-    )
-
-    if getattr(opts, "skip_bids_validation", False):
-        return {"skipped": "--skip-bids-validation"}
-    if getattr(opts, "reports_only", False):
-        return {"skipped": "--reports-only"}
-    work_dir = opts.work_dir.expanduser().absolute() if opts.work_dir is not None else None
-    try:
-        report = validate_bids(plan.bids_dir, participants=plan.participant_label,
-                               ignore=(plan.output_dir, work_dir, plan.fs_dir))
-    except ValidatorUnavailable as exc:
-        hint = (f"install it ({INSTALL_HINT})" if not exc.installed
-                else f"run `{VALIDATOR} {plan.bids_dir}` to see why")
-        say(f"normdiff-bids: warning: the input dataset was not checked with the BIDS validator: {exc}; "
-             f"{hint}, or pass --skip-bids-validation to leave it out", always=True)
-        return {"skipped": str(exc)}
-    report.raise_for_errors()
-    say(f"normdiff-bids: {report.summary()}", quiet=opts.quiet)
-    return report.record()
 
 
 def _check_reports_only(plan: Plan) -> None:

@@ -20,13 +20,13 @@ from normdiff_bids.cli.checks import (
     check_model_options,
     covariate_spec,
     subject_rows,
-    validate_dataset,
 )
 from normdiff_bids.cli.execution import plugin_settings, run_workflow, work_folder
 from normdiff_bids.cli.failures import NodeError, node_error
 from normdiff_bids.cli.parser import parse_args
 from normdiff_bids.cli.plan import Plan, say
 from normdiff_bids.cli.record import close_record, run_description
+from normdiff_bids.cli.validation import validate_dataset
 from normdiff_bids.cli.workflows import group_scores, group_workflow, participant_workflow
 from normdiff_bids.errors import NormdiffError
 

@@ -157,17 +157,55 @@ def validate_bids(bids_dir: str | os.PathLike, *, participants: Sequence[str] | 
     ``participants`` (labels, with or without ``sub-``): only their folders and ``participants.tsv`` rows
     count; ``ignore``: folders whose issues do not count (ignored when outside the dataset).
     """
+    return start_validator(bids_dir, timeout=timeout, executable=executable).report(
+        participants=participants, ignore=ignore)
+
+
+class RunningValidator:
+    """The validator started on a dataset in the background (:func:`start_validator`), so that other
+    checks can run meanwhile; :meth:`report` waits for it."""
+
+    def __init__(self, bids_dir: Path, proc: subprocess.Popen, exe: str, timeout: float):
+        self.bids_dir, self.proc, self.exe, self.timeout = bids_dir, proc, exe, timeout
+        self.started = time.monotonic()
+
+    def output(self) -> tuple[dict, float]:
+        """The validator's JSON report and the seconds it took (raises :class:`ValidatorUnavailable`)."""
+        left = max(self.timeout - (time.monotonic() - self.started), 0.1)
+        try:
+            stdout, stderr = self.proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            _kill(self.proc)
+            raise ValidatorUnavailable(f"{VALIDATOR} did not finish within {self.timeout:g} s") from None
+        seconds = time.monotonic() - self.started
+        try:
+            data = json.loads(stdout)
+            if not isinstance(data, dict) or not isinstance(data.get("issues"), dict):
+                raise ValueError("no issues")
+        except ValueError:
+            tail = (stderr or stdout).decode(errors="replace").strip().splitlines()
+            why = _shorten(tail[-1], 200) if tail else "no output"
+            raise ValidatorUnavailable(f"{VALIDATOR} failed (exit status {self.proc.returncode}: {why})") \
+                from None
+        return data, seconds
+
+    def report(self, *, participants: Sequence[str] | None = None,
+               ignore: Iterable[str | os.PathLike | None] = ()) -> ValidationReport:
+        data, seconds = self.output()
+        report = read_report(data, self.bids_dir, participants=participants, ignore=ignore, seconds=seconds)
+        report.version = _installed_version(self.exe)
+        return report
+
+    def stop(self) -> None:
+        """End the validator early (its answer is no longer wanted)."""
+        if self.proc.poll() is None:
+            _kill(self.proc)
+
+
+def start_validator(bids_dir: str | os.PathLike, *, timeout: float = TIMEOUT_S,
+                    executable: str | None = None) -> RunningValidator:
+    """Start the validator on ``bids_dir`` offline, in the background."""
     bids_dir = Path(bids_dir).absolute()
-    exe = executable or find_validator()
-    data, seconds = run_validator(bids_dir, timeout=timeout, executable=exe)
-    report = read_report(data, bids_dir, participants=participants, ignore=ignore, seconds=seconds)
-    report.version = _installed_version(exe)
-    return report
-
-
-def run_validator(bids_dir: Path, *, timeout: float = TIMEOUT_S,
-                  executable: str | None = None) -> tuple[dict, float]:
-    """Run the validator on ``bids_dir`` offline; return its JSON report and the seconds it took."""
     exe = executable or find_validator()
     if exe is None:
         raise ValidatorUnavailable(f"{VALIDATOR} is not installed", installed=False)
@@ -177,28 +215,19 @@ def run_validator(bids_dir: Path, *, timeout: float = TIMEOUT_S,
                 "ALL_PROXY": _NO_NETWORK_PROXY, "NO_PROXY": "", "NO_COLOR": "1",
                 "DENO_NO_UPDATE_CHECK": "1", "DENO_NO_PROMPT": "1"})
     command = [exe, str(bids_dir), "--format", "json"]
-    start = time.monotonic()
     try:
         # its own session: on a timeout the whole process group goes (the runtime and any git it ran)
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env, start_new_session=os.name == "posix")
     except OSError as exc:
         raise ValidatorUnavailable(f"{exe} could not be started ({exc.strerror or exc})") from None
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        raise ValidatorUnavailable(f"{VALIDATOR} did not finish within {timeout:g} s") from None
-    seconds = time.monotonic() - start
-    try:
-        data = json.loads(stdout)
-        if not isinstance(data, dict) or not isinstance(data.get("issues"), dict):
-            raise ValueError("no issues")
-    except ValueError:
-        tail = (stderr or stdout).decode(errors="replace").strip().splitlines()
-        why = _shorten(tail[-1], 200) if tail else "no output"
-        raise ValidatorUnavailable(f"{VALIDATOR} failed (exit status {proc.returncode}: {why})") from None
-    return data, seconds
+    return RunningValidator(bids_dir, proc, exe, timeout)
+
+
+def run_validator(bids_dir: Path, *, timeout: float = TIMEOUT_S,
+                  executable: str | None = None) -> tuple[dict, float]:
+    """Run the validator on ``bids_dir`` offline; return its JSON report and the seconds it took."""
+    return start_validator(bids_dir, timeout=timeout, executable=executable).output()
 
 
 def read_report(data: dict, bids_dir: Path, *, participants: Sequence[str] | None = None,
