@@ -133,3 +133,10 @@ def test_the_training_node_takes_names_or_a_specification():
     assert covariate_settings(spec.to_list()) == (["age", "sex", "site", "tiv"], spec)
     assert interfaces.TrainNormativeModel(covariates=["age", "sex"]).inputs.covariates == ["age", "sex"]
     assert interfaces.TrainNormativeModel(covariates=spec.to_list()).inputs.covariates == spec.to_list()
+
+
+def test_the_group_report_embeds_the_calibration_fragment_not_a_page(tmp_path):
+    wf = init_group_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", reference_participants=["sub-01"])
+    graph = wf._create_flat_graph()
+    links = [(u.name, v.name, c) for u, v, data in graph.edges(data=True) for c in data["connect"]]
+    assert ("train_model", "group_report", ("calibration_fragment", "calibration_report")) in links

@@ -117,7 +117,8 @@ class _TrainOutputSpec(TraitedSpec):
     model_dir = Directory(exists=True,
                           desc="the trained model bundle (model.safetensors, model.json, manifest.json)")
     metrics = File(exists=True, desc="JSON: held-out evaluation metrics and the train/held-out split")
-    calibration_report = File(desc="HTML calibration report of the held-out evaluation")
+    calibration_report = File(desc="HTML calibration report of the held-out evaluation (a page)")
+    calibration_fragment = File(desc="the same report as a fragment to embed (what the group report takes)")
     split = File(exists=True, desc="TSV: participant_id, session_id, split (train/holdout) of the reference")
 
 
@@ -185,9 +186,12 @@ def write_fit_outputs(cwd, model, reference, train, holdout, holdout_fraction, s
             **{role: name for role in ("age", "sex") if (name := covariates.name_of(role)) is not None}}
         results = evaluate(model, train, holdout, seed=seed, **roles)
         metrics["evaluation"] = summary(results)
+        figures = make_figures(results)
         out["calibration_report"] = os.path.join(cwd, "calibration_report.html")
-        atomic_write_text(out["calibration_report"],
-                          render_calibration_report(results, figures=make_figures(results)))
+        atomic_write_text(out["calibration_report"], render_calibration_report(results, figures=figures))
+        out["calibration_fragment"] = os.path.join(cwd, "calibration_fragment.html")
+        atomic_write_text(out["calibration_fragment"],
+                          render_calibration_report(results, figures=figures, standalone=False))
     out["metrics"] = os.fspath(atomic_write_text(
         os.path.join(cwd, "metrics.json"), json.dumps(metrics, indent=2, default=str) + "\n"))
     return out

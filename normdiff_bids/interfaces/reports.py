@@ -82,7 +82,8 @@ class _GroupReportInputSpec(BaseInterfaceInputSpec):
     model_dir = Directory(exists=True, desc="the model bundle (its model card is shown)")
     model_name = traits.Str(desc="name of the model under OUTPUT_DIR/models/")
     metrics = File(exists=True, desc="JSON metrics of the held-out evaluation (TrainNormativeModel)")
-    calibration_report = File(exists=True, desc="HTML calibration report (TrainNormativeModel), embedded")
+    calibration_report = File(exists=True, desc="HTML calibration report to embed (TrainNormativeModel's "
+                              "calibration_fragment; a full page is reduced to its body)")
     subject_reports = traits.List(traits.Str, desc="subject report names to link (relative to output_dir); "
                                                    "default: those already in output_dir")
     output_dir = Directory(desc="derivatives folder to write into; default: this node's working folder")
