@@ -63,7 +63,7 @@ TAIL_G = np.round(np.linspace(-0.5, 1.5, 41), 10)
 
 
 def tail_n(n_samples: int) -> int:
-    """Order statistics used by the tail fit: the outer half of the samples (all of them below 4)."""
+    """Order statistics used by the tail fit: the outer half of the samples, at least 2."""
     return max(n_samples // 2, min(n_samples, 2))
 
 
