@@ -34,7 +34,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 __all__ = ["CENTILE_FLOOR", "centiles_to_z", "empirical_centiles", "interpolate_quantile_functions",
-           "sample_quantiles", "tail_z"]
+           "sample_quantiles", "tail_score", "tail_z"]
 
 #: Smallest distance of a centile from 0 or 1 (float64 resolves 1 - 1e-15 but not 1 - 1e-17).
 CENTILE_FLOOR = 1e-15
@@ -115,15 +115,26 @@ def _sample_scale(sorted_rows: np.ndarray) -> np.ndarray:
     return np.maximum((sorted_rows[:, (3 * n) // 4] - sorted_rows[:, n // 4]) / 1.349, 1e-12)
 
 
-def _tail_fits(sorted_rows: np.ndarray):
-    """Both tails' fits of ascending samples ``[E, S]``: ``(low, high)``, the low one mirrored."""
+def _tail_fit(sorted_rows: np.ndarray, side: int):
+    """The fit of one tail (``side`` +1: upper, -1: lower, mirrored) of ascending samples ``[E, S]``."""
     n = sorted_rows.shape[1]
     k = tail_n(n)
-    scale = _sample_scale(sorted_rows)
-    edge = ndtri(n / (n + 1))
-    high = _fit_upper(sorted_rows[:, n - k:], n, scale) + (edge,)
-    low = _fit_upper(-sorted_rows[:, :k][:, ::-1], n, scale) + (edge,)
-    return low, high
+    outer = sorted_rows[:, n - k:] if side > 0 else -sorted_rows[:, :k][:, ::-1]
+    return _fit_upper(outer, n, _sample_scale(sorted_rows)) + (ndtri(n / (n + 1)),)
+
+
+def _side_scores(values: np.ndarray, sorted_rows: np.ndarray, side: int) -> np.ndarray:
+    """Tail-rule normal scores of ``values [E]`` beyond one end (``side``) of ``sorted_rows [E, S]``."""
+    return side * _tail_score(side * values, _tail_fit(sorted_rows, side))
+
+
+def tail_score(values, sorted_samples, side: int) -> np.ndarray:
+    """Tail-rule normal scores of ``values [R, D]`` beyond one end of ``sorted_samples [R, S, D]``:
+    below the smallest (``side=-1``) or above the largest (``side=+1``) sample."""
+    values = np.asarray(values, dtype=np.float64)
+    rows, d = values.shape
+    flat = np.moveaxis(np.asarray(sorted_samples, dtype=np.float64), 1, -1).reshape(rows * d, -1)
+    return _side_scores(values.ravel(), flat, side).reshape(rows, d)
 
 
 def tail_z(values, sorted_samples):
@@ -132,13 +143,7 @@ def tail_z(values, sorted_samples):
     Returns ``(z_low, z_high)``: what a value below the smallest / above the largest sample scores
     (every entry is fitted; :func:`empirical_centiles` fits only the entries that lie beyond).
     """
-    values = np.asarray(values, dtype=np.float64)
-    rows, d = values.shape
-    flat = np.moveaxis(np.asarray(sorted_samples, dtype=np.float64), 1, -1).reshape(rows * d, -1)
-    low, high = _tail_fits(flat)
-    z_high = _tail_score(values.ravel(), high)
-    z_low = -_tail_score(-values.ravel(), low)
-    return z_low.reshape(rows, d), z_high.reshape(rows, d)
+    return tail_score(values, sorted_samples, -1), tail_score(values, sorted_samples, 1)
 
 
 def empirical_centiles(values, samples):
@@ -162,12 +167,9 @@ def empirical_centiles(values, samples):
         with np.errstate(invalid="ignore"):
             hi = values[sl] > srt_t[..., -1]
             lo_ = values[sl] < srt_t[..., 0]
-        beyond = hi | lo_
-        if np.any(beyond):  # the tail rule, fitted only where a value lies beyond the samples
-            out, outer_values, up = srt_t[beyond], values[sl][beyond], hi[beyond]
-            low_fit, high_fit = _tail_fits(out)
-            z = np.where(up, _tail_score(outer_values, high_fit), -_tail_score(-outer_values, low_fit))
-            c[beyond] = ndtr(z)
+        for side, beyond in ((1, hi), (-1, lo_)):  # the tail rule, fitted only where a value lies beyond
+            if np.any(beyond):
+                c[beyond] = ndtr(_side_scores(values[sl][beyond], srt_t[beyond], side))
         centiles[sl] = c
         tail[sl] = hi.astype(np.int8) - lo_.astype(np.int8)
     centiles = np.clip(centiles, CENTILE_FLOOR, 1 - CENTILE_FLOOR)
@@ -205,11 +207,11 @@ def sample_quantiles(samples, q):
     below, above = q < 1 / (n + 1), q > n / (n + 1)
     if below.any() or above.any():  # the tail rule's curve, inverted
         rows, d = srt.shape[0], srt.shape[2]
-        low, high = _tail_fits(np.moveaxis(srt, 1, -1).reshape(rows * d, n))
-        for sel, fit, sign, edge in ((below, low, -1.0, srt[:, :1]), (above, high, 1.0, srt[:, -1:])):
+        flat = np.moveaxis(srt, 1, -1).reshape(rows * d, n)
+        for sel, sign, edge in ((below, -1, srt[:, :1]), (above, 1, srt[:, -1:])):
             if sel.any():
-                b, slope, g, z0, _ = (np.reshape(part, (-1, 1)) if np.ndim(part) else part for part in fit)
-                x = b + slope * _g_transform(g, sign * z_q[sel][None, :] - z0)  # [rows * D, q]
+                b, slope, g, z0, _ = _tail_fit(flat, sign)  # b, slope, g: [rows * D]
+                x = b[:, None] + slope[:, None] * _g_transform(g[:, None], sign * z_q[sel][None, :] - z0)
                 x = sign * np.moveaxis(x.reshape(rows, d, -1), -1, 1)
                 out[:, sel] = np.minimum(edge, x) if sign < 0 else np.maximum(edge, x)
     return out

@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.special import ndtri
 from scipy.stats import rankdata
 
-from normdiff_bids.scoring.centiles import CENTILE_FLOOR, centiles_to_z, empirical_centiles, tail_z
+from normdiff_bids.scoring.centiles import CENTILE_FLOOR, centiles_to_z, empirical_centiles, tail_score
 
 __all__ = ["joint_deviation", "joint_reference", "joint_scores", "ledoit_wolf_covariance", "mahalanobis",
            "normal_scores_loo"]
@@ -49,8 +49,8 @@ def normal_scores_loo(samples: np.ndarray) -> np.ndarray:
         # ranks are a permutation of 1..S: the scores are one table, scattered back below
         zs = np.broadcast_to(ndtri((np.arange(1, n + 1) - 0.5) / n), x.shape).copy()
     srt_rsd = np.swapaxes(srt, 1, 2)  # [R, S, D] view for the tail rule
-    z_min, _ = tail_z(srt[..., 0], srt_rsd[:, 1:])
-    _, z_max = tail_z(srt[..., -1], srt_rsd[:, :-1])
+    z_min = tail_score(srt[..., 0], srt_rsd[:, 1:], -1)
+    z_max = tail_score(srt[..., -1], srt_rsd[:, :-1], 1)
     zs[..., 0] = np.where(srt[..., 0] < srt[..., 1], z_min, zs[..., 0])
     zs[..., -1] = np.where(srt[..., -1] > srt[..., -2], z_max, zs[..., -1])
     np.clip(zs, ndtri(CENTILE_FLOOR), -ndtri(CENTILE_FLOOR), out=zs)
