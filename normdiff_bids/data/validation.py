@@ -224,12 +224,6 @@ def start_validator(bids_dir: str | os.PathLike, *, timeout: float = TIMEOUT_S,
     return RunningValidator(bids_dir, proc, exe, timeout)
 
 
-def run_validator(bids_dir: Path, *, timeout: float = TIMEOUT_S,
-                  executable: str | None = None) -> tuple[dict, float]:
-    """Run the validator on ``bids_dir`` offline; return its JSON report and the seconds it took."""
-    return start_validator(bids_dir, timeout=timeout, executable=executable).output()
-
-
 def read_report(data: dict, bids_dir: Path, *, participants: Sequence[str] | None = None,
                 ignore: Iterable[str | os.PathLike | None] = (), seconds: float = 0.0) -> ValidationReport:
     """The :class:`ValidationReport` of the validator's JSON report ``data`` on ``bids_dir``."""

@@ -134,7 +134,7 @@ class SubjectOutputs(SimpleInterface):
         name = self.inputs.model_name if isdefined(self.inputs.model_name) else None
         covariates = self.inputs.covariates if isdefined(self.inputs.covariates) else None
         self._results["out_files"], self._results["out_reports"] = [], []
-        failed, unsafe_output = [], []
+        failed = {}  # "sub-X[ ses-Y]" -> the error that stopped its outputs
         for subject in self.inputs.subjects:
             pid, ses = subject["participant_id"], subject.get("session_id") or None
             try:
@@ -146,13 +146,14 @@ class SubjectOutputs(SimpleInterface):
                 else:
                     files, report = write_subject_outputs(self.inputs.output_dir, row, **where)
             except (NormdiffError, OSError, ValueError) as err:
-                failed.append(f"{pid}{' ' + ses if ses else ''}: {err}")
-                unsafe_output.append(isinstance(err, OutputError))
+                failed[f"{pid}{' ' + ses if ses else ''}"] = err
                 continue
             self._results["out_files"] += files
             self._results["out_reports"].append(report)
         if failed:
-            error = OutputError if all(unsafe_output) else NormdiffError  # exit 3 when only the output failed
-            raise error(f"{len(failed)} of {len(self.inputs.subjects)} subjects of this batch "
-                                f"failed (the others' outputs are written):\n  " + "\n  ".join(failed))
+            # exit 3 when only the output folder failed
+            error = OutputError if all(isinstance(e, OutputError) for e in failed.values()) else NormdiffError
+            lines = "\n  ".join(f"{subject}: {err}" for subject, err in failed.items())
+            raise error(f"{len(failed)} of {len(self.inputs.subjects)} subjects of this batch failed (the "
+                        f"others' outputs are written):\n  {lines}")
         return runtime
