@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from normdiff_bids.errors import OutputError
+
 
 def _tmp_sibling(path: Path, *, directory: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,10 +57,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
-def disk_full(path: Path, exc: OSError):
+def disk_full(path: Path, exc: OSError) -> OutputError:
     """The user-facing error for a write that found the disk (or the quota) full."""
-    from normdiff_bids.errors import OutputError
-
     return OutputError(f"{path}: {exc.strerror} while writing it; nothing was half-written (the files "
                        f"already there are intact): free space in {path.parent} or choose another output "
                        f"folder, then rerun (with the same --work-dir, finished steps are reused)")
@@ -106,8 +106,10 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise disk_full(path, exc) from None
         raise
 
 
