@@ -217,7 +217,7 @@ def test_further_covariates_reach_the_model_the_tables_and_the_reports(group_out
     alone = read_scores_table(out / "sub-001" / "anat" / "sub-001_desc-deviations_scores.tsv")
     row = table.set_index("participant_id").loc["sub-001"]
     assert alone["z"].to_numpy() == pytest.approx(row[z].to_numpy(float), abs=1e-9)
-    assert 'alt="centile curves"' in (out / "sub-001.html").read_text()
+    assert 'aria-label="centile curves"' in (out / "sub-001.html").read_text()
 
 
 def test_reports_only_rewrites_reports_and_nothing_else(bids, group_out, tmp_path):

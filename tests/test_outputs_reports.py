@@ -50,7 +50,9 @@ def test_subject_report_is_named_and_has_every_section(rendered):
     html = rendered["html"]
     for section in ("summary", "profile", "extreme", "centiles", "joint", "maps", "files", "methods"):
         assert f'<section id="{section}">' in html, section
-    assert html.count("data:image/png;base64,") == 4  # profile, centile curves, joint deviation, map slices
+    assert html.count("data:image/png;base64,") == 1  # the map slices
+    for chart in ("deviation profile", "centile curves", "joint deviation"):  # inline SVG
+        assert '<svg class="figure" ' in html and f'aria-label="{chart}"' in html, chart
 
 
 def test_the_extreme_idps_are_flagged_with_their_centiles(rendered):

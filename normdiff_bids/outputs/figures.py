@@ -1,4 +1,6 @@
-"""Report figures (matplotlib, object API: no pyplot state, safe in worker processes), as PNG data URIs."""
+"""Report figures (matplotlib, object API: no pyplot state, safe in worker processes), as PNG data URIs: the
+group report's and the subject report's map slices (the subject report's charts are inline SVG,
+:mod:`normdiff_bids.outputs.svg`)."""
 
 from __future__ import annotations
 
@@ -28,104 +30,6 @@ def to_data_uri(fig: Figure, dpi: int = 100) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def deviation_profile(table: pd.DataFrame, title: str | None = None) -> Figure:
-    """z of every IDP (``table``: idp, measure, z), one panel per measure, flagged points coloured."""
-    groups = [m for m in _MEASURE_ORDER if m in set(table["measure"])]
-    groups += sorted(set(table["measure"]) - set(groups))
-    # Axes placed by hand (in inches), not by a layout engine: the engine measured every tick label
-    # twice and was half of a report's rendering time. The room under a panel fits its longest label.
-    panels = []
-    for measure in groups:
-        names = [_short(i[: -len(measure) - 1] if i.endswith(f"_{measure}") else i)
-                 for i in table.loc[table["measure"] == measure, "idp"]]
-        longest = max(map(len, names), default=0) if len(names) <= 70 else 0
-        panels.append(0.25 + longest * 7 * 0.6 / 72)  # label room: 7-pt characters, rotated
-    width, left, right, top, plot_h, title_h = 11.0, 0.6, 0.15, 0.15, 1.7, 0.3
-    height = top + sum(title_h + plot_h + room for room in panels) + 0.1
-    fig = Figure(figsize=(width, height))
-    axes, y = [], height - top
-    for room in panels:
-        y -= title_h + plot_h
-        axes.append(fig.add_axes(((left) / width, y / height, (width - left - right) / width,
-                                  plot_h / height)))
-        y -= room
-    zmax = max(3.5, float(np.nanmax(np.abs(table["z"]))) + 0.5) if table["z"].notna().any() else 3.5
-    for ax, measure in zip(axes, groups):
-        rows = table[table["measure"] == measure].reset_index(drop=True)
-        x = np.arange(len(rows))
-        z = rows["z"].to_numpy(dtype=float)
-        ax.axhspan(-Z_FLAG, Z_FLAG, color="#eef3f8", zorder=0)
-        for level, style in ((Z_FLAG, "--"), (Z_STRONG, ":")):
-            ax.axhline(level, color=_GREY, lw=0.8, ls=style, zorder=1)
-            ax.axhline(-level, color=_GREY, lw=0.8, ls=style, zorder=1)
-        ax.axhline(0, color="black", lw=0.6, zorder=1)
-        ax.vlines(x, 0, np.nan_to_num(z), color="#c8c8c8", lw=0.8, zorder=2)
-        ax.scatter(x, z, c=[flag_colour(v) for v in np.nan_to_num(z)], s=22, zorder=3, edgecolors="none")
-        ax.set_ylim(-zmax, zmax)
-        ax.set_xlim(-0.7, len(rows) - 0.3)
-        ax.set_ylabel("z")
-        ax.set_title(f"{measure} ({len(rows)} IDPs)", loc="left", fontsize=10)
-        # The panel title names the measure, so tick labels drop it ("lh_insula", not "lh_insula_area").
-        labels = [i[: -len(measure) - 1] if i.endswith(f"_{measure}") else i for i in rows["idp"]]
-        if len(rows) <= 70:
-            ax.set_xticks(x, [_short(i) for i in labels], rotation=90, fontsize=7)
-        else:
-            ax.set_xticks([])
-            for xi, zi, idp in zip(x, z, labels):
-                if np.isfinite(zi) and abs(zi) > Z_FLAG:
-                    ax.annotate(_short(idp), (xi, zi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.grid(axis="y", color="#e5e5e5", lw=0.5)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return fig
-
-
-def centile_curves(curves: Sequence[Mapping], ncols: int = 3) -> Figure:
-    """Small multiples of normative centile curves over age with the subject's point.
-
-    Each curve: ``idp``, ``age`` [A], ``quantiles`` DataFrame [A, q] (q as columns), ``units``, and the
-    subject's ``subject_age``, ``value`` (may be NaN) and ``z``.
-    """
-    n = len(curves)
-    ncols = min(ncols, n)
-    nrows = int(np.ceil(n / ncols))
-    fig = Figure(figsize=(3.7 * ncols, 3.0 * nrows))
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
-    # fixed margins (titles and labels have a known size): a layout engine doubled the rendering time
-    fig.subplots_adjust(left=0.75 / (3.7 * ncols), right=1 - 0.1 / (3.7 * ncols), bottom=0.5 / (3.0 * nrows),
-                        top=1 - 0.5 / (3.0 * nrows), wspace=0.32, hspace=0.62)
-    for ax, curve in zip(axes, curves):
-        q = curve["quantiles"]
-        age = np.asarray(curve["age"], dtype=float)
-        for lo, hi, alpha in ((0.005, 0.995, 0.10), (0.025, 0.975, 0.18), (0.25, 0.75, 0.30)):
-            a, b = _quantile_column(q, lo), _quantile_column(q, hi)
-            if a is not None and b is not None:
-                ax.fill_between(age, a, b, color=_BLUE, alpha=alpha, lw=0)
-        median = _quantile_column(q, 0.5)
-        if median is not None:
-            ax.plot(age, median, color=_BLUE, lw=1.4)
-        value, z = curve.get("value", np.nan), curve.get("z", np.nan)
-        if value is not None and np.isfinite(value):
-            ax.scatter([curve["subject_age"]], [value], s=60, marker="D", color=flag_colour(z),
-                       edgecolors="black", linewidths=0.8, zorder=5)
-        ax.set_title(f"{_short(curve['idp'], 34)}\nz = {z:+.2f}", fontsize=9)
-        ax.set_xlabel("age (years)", fontsize=8)
-        units = curve.get("units")
-        ax.set_ylabel(units if units and units != "n/a" else "value", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(color="#e5e5e5", lw=0.5)
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig
-
-
-def _quantile_column(q: pd.DataFrame, target: float) -> np.ndarray | None:
-    for column in q.columns:
-        if abs(float(column) - target) < 1e-9:
-            return q[column].to_numpy(dtype=float)
-    return None
 
 
 def joint_deviation(joint_z: float, cohort_joint_z: Sequence[float] | None = None) -> Figure:

@@ -1,7 +1,7 @@
 """HTML reports: one per subject[/session] (``sub-<label>[_ses-<label>].html``) and one for the group.
 
-Reports are single self-contained files (figures embedded as base64 PNG, styles inline, no scripts, no
-external URLs), rendered from the jinja2 templates in ``outputs/templates/`` with autoescaping on
+Reports are single self-contained files (charts as inline SVG, images as base64 PNG, styles inline, no
+scripts, no external URLs), rendered from the jinja2 templates in ``outputs/templates/`` with autoescaping on
 (:mod:`normdiff_bids.templating`).
 """
 
@@ -21,7 +21,7 @@ from markupsafe import Markup
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.conventions import preview
-from normdiff_bids.outputs import figures, names
+from normdiff_bids.outputs import figures, names, svg
 from normdiff_bids.outputs.regions import describe_idp
 from normdiff_bids.outputs.score_tables import covariate_columns, given_idps, idps_of_wide, scores_to_wide
 from normdiff_bids.templating import render
@@ -150,22 +150,21 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
     ranked = table.reindex(table["z"].abs().sort_values(ascending=False).index)
     top = ranked.head(max(n_curves, 1))
 
-    profile = figures.to_data_uri(figures.deviation_profile(table))
+    profile = svg.deviation_profile(table)
 
-    curves_uri, curves_note = None, None
+    curves_svg, curves_note = None, None
     if model is None:
         curves_note = "No model was given to the report, so the centile curves are not drawn."
     else:
         try:
             curves = centile_curve_data(model, row, list(top["idp"].head(n_curves)),
                                         age=_age_name(covariates))
-            curves_uri = figures.to_data_uri(figures.centile_curves(curves)) if curves else None
+            curves_svg = svg.centile_curves(curves) if curves else None
         except (ValueError, KeyError) as err:
             curves_note = f"The centile curves could not be drawn: {err}"
 
     joint_z = _float(row.get("joint_z"))
-    joint_uri = figures.to_data_uri(figures.joint_deviation(joint_z, cohort_joint_z)) \
-        if np.isfinite(joint_z) else None
+    joint_svg = svg.joint_deviation(joint_z, cohort_joint_z) if np.isfinite(joint_z) else None
 
     slices_uri, slices_note = None, None
     if maps and label_volume is not None:
@@ -204,10 +203,10 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
         "n_tail": int((table["tail"] != 0).sum()),
         "joint": {"stat": _float(row.get("joint_stat")), "centile": _float(row.get("joint_centile")),
                   "z": joint_z},
-        "profile_uri": profile,
-        "curves_uri": curves_uri, "curves_note": curves_note,
+        "profile_svg": profile,
+        "curves_svg": curves_svg, "curves_note": curves_note,
         "curve_quantiles": CURVE_QUANTILES,
-        "joint_uri": joint_uri,
+        "joint_svg": joint_svg,
         "slices_uri": slices_uri, "slices_note": slices_note,
         "files": listed,
         "given": given, "given_missing": _is_true(row.get("cond_given_missing")),
