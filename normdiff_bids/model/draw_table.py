@@ -1,5 +1,5 @@
-"""The draw table: the model's draws at every point of its scoring grid, made once at ``fit`` and kept in
-the bundle, so that scoring, centile curves and reports need no network evaluation.
+"""The draw table: the model's draws at every point of its scoring grid, kept in the bundle, so that
+scoring, centile curves and reports from a saved model need no network evaluation.
 
 A grid point's draws depend only on the weights, the seed, the sampling settings and the point (one
 seeded stream per point, see :mod:`~normdiff_bids.model.sampling`), so the table holds exactly the draws
@@ -11,6 +11,10 @@ other settings, ``covariate_grid="off"``) are drawn as before.
 The table covers the training range of the continuous covariate, one grid step beyond each end, for every
 level combination of the network's categorical covariates (and the unknown level where it is trained).
 It is not built when it would exceed :data:`MAX_TABLE_BYTES` (many categorical levels, large D).
+
+``fit`` only plans the table: scoring the fitted model draws the points it needs and keeps them in the
+table, and saving the model draws the rest, so that fitting and scoring in one process evaluate the
+network at the points they use only, while every bundle holds the whole table.
 """
 
 from __future__ import annotations
@@ -47,15 +51,19 @@ def grid_points(grid: Grid, low: float, high: float, levels: list[list[int]]):
 @dataclass
 class DrawTable:
     """Draws ``samples [P, S, D]`` (float32, model space) at ``points_cont``/``points_cat``, made with
-    ``settings`` (the drawer's :meth:`~normdiff_bids.model.sampling.Drawer.table_settings`)."""
+    ``settings`` (the drawer's :meth:`~normdiff_bids.model.sampling.Drawer.table_settings`); ``drawn [P]``
+    says which points hold their draws yet (a table loaded from a bundle is complete)."""
 
     settings: dict
     points_cont: np.ndarray
     points_cat: np.ndarray
     samples: np.ndarray
+    drawn: np.ndarray | None = None
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        if self.drawn is None:
+            self.drawn = np.ones(len(self.points_cont), dtype=bool)
         self._index = {point_key(c, k): i for i, (c, k) in enumerate(zip(self.points_cont, self.points_cat))}
 
     def __len__(self) -> int:
@@ -63,28 +71,54 @@ class DrawTable:
 
     @property
     def nbytes(self) -> int:
+        """The size of the complete table's draws."""
         return int(self.samples.nbytes)
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.drawn.all())
 
     def serves(self, settings: dict) -> bool:
         """Whether a drawer with ``settings`` would produce these draws (same weights, seed, settings)."""
         return settings == self.settings
 
     def find(self, cont_row, cat_row) -> np.ndarray | None:
-        """The draws ``[S, D]`` of one point, or ``None`` when the table does not hold it."""
+        """The draws ``[S, D]`` of one point, or ``None`` when the table does not hold them (yet)."""
         i = self._index.get(point_key(cont_row, cat_row))
-        return None if i is None else self.samples[i]
+        return None if i is None or not self.drawn[i] else self.samples[i]
+
+    def keep(self, cont_row, cat_row, samples: np.ndarray) -> None:
+        """Store the draws ``[S, D]`` of one point, if it is one of the table's and not drawn yet."""
+        i = self._index.get(point_key(cont_row, cat_row))
+        if i is not None and not self.drawn[i]:
+            self.samples[i] = samples
+            self.drawn[i] = True
 
     @classmethod
-    def build(cls, drawer: Drawer, points_cont: np.ndarray, points_cat: np.ndarray,
-              n_samples: int) -> DrawTable:
-        """Draw every point with ``drawer`` (a drawer without a table, so the draws are fresh)."""
-        samples = np.empty((len(points_cont), n_samples, drawer.n_features), dtype=np.float32)
-        for first, drawn in drawer.draw(points_cont, points_cat, n_samples, desc="draw table"):
-            samples[first:first + len(drawn)] = drawn
-        return cls(drawer.table_settings(n_samples), points_cont, points_cat, samples)
+    def planned(cls, settings: dict, points_cont: np.ndarray, points_cat: np.ndarray,
+                n_features: int) -> DrawTable:
+        """A table of these points with none drawn yet (``settings["n_samples"]`` draws per point)."""
+        samples = np.empty((len(points_cont), int(settings["n_samples"]), n_features), dtype=np.float32)
+        return cls(dict(settings), points_cont, points_cat, samples, np.zeros(len(points_cont), dtype=bool))
+
+    def complete(self, drawer: Drawer) -> DrawTable:
+        """Draw the points not drawn yet with ``drawer`` (one without a table, with these settings);
+        points this process has drawn before come from its draw cache. Returns ``self``."""
+        if not self.serves(drawer.table_settings(self.samples.shape[1])):
+            raise ValueError("the drawer's weights or sampling settings are not the draw table's")
+        todo = np.flatnonzero(~self.drawn)
+        if len(todo):
+            for first, drawn in drawer.draw(self.points_cont[todo], self.points_cat[todo],
+                                            self.samples.shape[1], desc="draw table"):
+                self.samples[todo[first:first + len(drawn)]] = drawn
+            self.drawn[todo] = True
+        return self
 
     # -- persistence: tensors in the bundle's safetensors file, settings in model.json -----------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.is_complete:
+            raise ValueError(f"the draw table holds {int(self.drawn.sum())} of its {len(self)} points; "
+                             f"complete it before writing it")
         # a loaded table's arrays are read-only views of the bundle's cache: writable copies for torch
         names = ("points_cont", "points_cat", "samples")
         return {f"{TENSOR_PREFIX}{name}": torch.from_numpy(np.require(getattr(self, name), requirements="CW"))

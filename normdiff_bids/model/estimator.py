@@ -158,11 +158,13 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
     site_covariate : str or None
         The categorical covariate whose levels are partially pooled and that :meth:`adapt` learns.
     draw_table : "auto" | "off"
-        ``"auto"``: on the scoring grid, ``fit`` draws every grid point of the training range once and
-        keeps the draws (in the bundle too), so later scoring, quantiles and centile curves evaluate no
-        network and give the same numbers on every machine (:mod:`~normdiff_bids.model.draw_table`;
-        skipped when it would exceed ``MAX_TABLE_BYTES``). ``"off"``: draw when scoring. Can be changed
-        after fitting (``"off"`` then draws afresh).
+        ``"auto"``: on the scoring grid, the bundle holds the draws of every grid point of the training
+        range, so scoring, quantiles and centile curves from a saved model evaluate no network and give
+        the same numbers on every machine (:mod:`~normdiff_bids.model.draw_table`; skipped when it would
+        exceed ``MAX_TABLE_BYTES``). The table is filled as the fitted model scores (each point drawn
+        once) and completed by :meth:`save`, so ``fit`` then ``score`` draws only the points the rows
+        need, with the numbers the saved model gives. ``"off"``: draw when scoring, and save no table.
+        Can be changed after fitting (``"off"`` then draws afresh).
     missing_idps : "use" | "drop"
         Training rows that miss some IDPs (NaN or inf): ``"use"`` trains on the IDPs they have (the
         location-scale stage gives a missing entry no weight, the network's loss leaves it out and its
@@ -334,9 +336,9 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
             raise
         self.history_ = history
         self.n_train_ = summary["n_train"]
-        self.draw_table_ = None
-        if self.draw_table == "auto":  # first, so that the calibration below already scores from it
-            self.draw_table_ = self._build_draw_table()
+        # planned, not drawn: scoring keeps the points it draws in it (the calibration's first), saving
+        # draws the rest
+        self.draw_table_ = self._plan_draw_table() if self.draw_table == "auto" else None
         if stage is not None and self.calibration == "conformal":
             self.calibration_ = fit_calibration(self, space, x, cont, cat)
         summary.update(n_rows=len(table), n_dropped=n_dropped, seconds=round(time.perf_counter() - start, 2))
@@ -395,9 +397,9 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
             raise RuntimeError("this NormativeDiffusion is not fitted yet; call fit(table) or "
                                "load_model(path)")
 
-    def _build_draw_table(self) -> DrawTable | None:
-        """The draws of every scoring-grid point of the training range (``None`` off the grid or when
-        they would exceed ``MAX_TABLE_BYTES``)."""
+    def _plan_draw_table(self) -> DrawTable | None:
+        """A draw table of every scoring-grid point of the training range with none drawn yet (``None``
+        off the grid or when it would exceed ``MAX_TABLE_BYTES``)."""
         grid = self._grid()
         if grid is None:
             return None
@@ -407,7 +409,21 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         cont, cat = grid_points(grid, age.min, age.max, levels)
         if len(cont) * int(self.n_samples) * self.n_features_in_ * 4 > MAX_TABLE_BYTES:
             return None
-        return DrawTable.build(self._drawer(use_table=False), cont, cat, int(self.n_samples))
+        settings = self._drawer(use_table=False).table_settings(int(self.n_samples))
+        return DrawTable.planned(settings, cont, cat, self.n_features_in_)
+
+    def _bundle_draw_table(self) -> DrawTable | None:
+        """The draw table a bundle of the model holds, possibly not all drawn yet: with
+        ``draw_table="auto"`` the model's (planned anew when the sampling settings changed since it was
+        made), with ``"off"`` a complete one it already has (loaded from a bundle); a table made with
+        other sampling settings is never kept."""
+        table = getattr(self, "draw_table_", None)
+        if table is not None and not table.serves(self._drawer(use_table=False).table_settings(
+                int(self.n_samples))):
+            table = None
+        if self.draw_table != "auto":
+            return table if table is not None and table.is_complete else None
+        return table if table is not None else self._plan_draw_table()
 
 
 # ---------------------------------------------------------------------------------------------------

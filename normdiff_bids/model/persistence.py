@@ -69,7 +69,7 @@ class _PersistenceMixin:
         }
 
     def _draw_table_card(self) -> dict | None:
-        table = getattr(self, "draw_table_", None)
+        table = self._bundle_draw_table()  # the complete table a bundle holds (even if not all drawn yet)
         if table is None:
             return None
         return {"points": len(table), "draws_per_point": int(table.samples.shape[1]),
@@ -82,8 +82,10 @@ class _PersistenceMixin:
             self.created_ = datetime.now(UTC).isoformat(timespec="seconds")
         tensors = {f"encoder.{k}": v for k, v in self.encoder_.state_dict().items()}
         tensors.update({f"network.{k}": v for k, v in self.network_.state_dict().items()})
-        table = getattr(self, "draw_table_", None)
+        table = self._bundle_draw_table()
         if table is not None:
+            # draws the points the model has not scored yet (scoring kept the others in the table)
+            self.draw_table_ = table.complete(self._drawer(use_table=False))
             tensors.update(table.to_tensors())
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
         meta = {

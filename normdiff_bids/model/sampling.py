@@ -146,7 +146,8 @@ class Drawer:
     verbose: bool = False
     standardise: bool = False
     #: A :class:`~normdiff_bids.model.draw_table.DrawTable` whose points are taken from it instead of being
-    #: drawn (when it was made with this drawer's settings).
+    #: drawn, and which keeps those of its points that are drawn (when it was made with this drawer's
+    #: settings).
     table: object | None = None
 
     def table_settings(self, n_samples: int) -> dict:
@@ -163,27 +164,30 @@ class Drawer:
         to reuse: points drawn before by this process with the same weights and sampling settings come
         from :data:`_POINT_CACHE` (a participant report's centile curves share their points with every
         other participant of the same sex and site), and points the drawer's draw table holds come from
-        it (no network evaluation at all).
+        it (no network evaluation at all). Points of the table that it does not hold yet are kept in it
+        once drawn. A call that the points due next leave part empty also draws the points to draw
+        after them (kept until their turn), so that only the final call is padded.
         """
         device = next(self.network.parameters()).device
-        sampler, steps = self.sampler, self.steps
-        n_draws = self.diffusion.noise_draws(sampler, steps)
+        n_draws = self.diffusion.noise_draws(self.sampler, self.steps)
         d = self.n_features
         rows_per_call = min(ROWS_PER_CALL, NOISE_BYTES_PER_CALL // (4 * n_draws * d))
         per_call = max(1, rows_per_call // n_samples)
         n_points = len(points_cont)
-        settings = (self.weights_token, int(self.seed), n_samples, sampler, steps, str(device),
+        settings = (self.weights_token, int(self.seed), n_samples, self.sampler, self.steps, str(device),
                     self.standardise)
         keys = [settings + point_key(points_cont[i], points_cat[i]) for i in range(n_points)]
         table = self.table if self.table is not None and self.table.serves(self.table_settings(n_samples)) \
             else None
         tabled = [None if table is None else table.find(points_cont[i], points_cat[i])
                   for i in range(n_points)]
+        to_draw = [i for i in range(n_points) if tabled[i] is None and keys[i] not in _POINT_CACHE]
+        ahead = 0  # to_draw[ahead:] are neither drawn nor due yet
+        drawn_ahead: dict[int, np.ndarray] = {}
         self.encoder.eval()
         self.network.eval()
         # a progress bar only for what is drawn: points from the table or the cache cost nothing
-        n_fresh = sum(1 for i in range(n_points) if tabled[i] is None and keys[i] not in _POINT_CACHE)
-        bar = progress(total=n_points, desc=desc, verbose=self.verbose and n_fresh > 0, unit="point")
+        bar = progress(total=n_points, desc=desc, verbose=self.verbose and len(to_draw) > 0, unit="point")
         try:
             for first in range(0, n_points, per_call):
                 idx = np.arange(first, min(first + per_call, n_points))
@@ -192,37 +196,58 @@ class Drawer:
                 for j, i in enumerate(idx):
                     if tabled[i] is not None:
                         out[j] = tabled[i]
+                        continue
+                    if i in drawn_ahead:
+                        out[j] = drawn_ahead.pop(i)
                     elif keys[i] in _POINT_CACHE:
                         out[j] = _POINT_CACHE[keys[i]]
                     else:
                         todo.append(j)
+                        continue
+                    if table is not None:
+                        table.keep(points_cont[i], points_cat[i], out[j])
                 if todo:
-                    fresh = idx[todo]
-                    padded = np.concatenate([fresh, np.full(per_call - len(fresh), fresh[-1])])
-                    noise = torch.stack([
-                        torch.randn((n_draws, n_samples, d),
-                                    generator=torch.Generator().manual_seed(
-                                        point_seed(self.seed, points_cont[i], points_cat[i])))
-                        for i in padded], dim=1).to(device)
-                    with torch.no_grad():
-                        cond = self.encoder(torch.from_numpy(points_cont[padded]).to(device),
-                                            torch.from_numpy(points_cat[padded]).to(device))
-                        x0 = self.diffusion.sample(self.network, cond, noise, sampler=sampler, steps=steps)
-                    drawn = x0[: len(fresh)].float().cpu().numpy()
-                    if not np.isfinite(drawn).all():
-                        raise RuntimeError("the model produced non-finite samples; the fit diverged or the "
-                                           "sampler is unstable for this diffusion setting")
-                    if self.standardise:
-                        sd = drawn.std(axis=1, keepdims=True, dtype=np.float64)
-                        drawn = ((drawn - drawn.mean(axis=1, keepdims=True, dtype=np.float64))
-                                 / np.maximum(sd, 1e-12)).astype(np.float32)
-                    for j, smp in zip(todo, drawn):
-                        out[j] = smp
-                        _POINT_CACHE.put(keys[idx[j]], smp)
+                    while ahead < len(to_draw) and to_draw[ahead] <= idx[-1]:
+                        ahead += 1
+                    later = to_draw[ahead:ahead + per_call - len(todo)]
+                    ahead += len(later)
+                    call = np.concatenate([idx[todo], np.asarray(later, dtype=idx.dtype)])
+                    drawn = self._call(points_cont, points_cat, call, per_call, n_samples, n_draws, device)
+                    for i, smp in zip(call, drawn):
+                        _POINT_CACHE.put(keys[i], smp)
+                        if table is not None:
+                            table.keep(points_cont[i], points_cat[i], smp)
+                    out[todo] = drawn[:len(todo)]
+                    drawn_ahead.update(zip(later, drawn[len(todo):]))
                 bar.update(len(idx))
                 yield first, out
         finally:
             bar.close()
+
+    def _call(self, points_cont, points_cat, points: np.ndarray, per_call: int, n_samples: int,
+              n_draws: int, device) -> np.ndarray:
+        """One network call: the samples ``[len(points), S, D]`` (float32) of ``points`` (at most
+        ``per_call``), the call padded to ``per_call`` points by repeating the final one."""
+        d = self.n_features
+        padded = np.concatenate([points, np.full(per_call - len(points), points[-1])])
+        noise = torch.stack([
+            torch.randn((n_draws, n_samples, d),
+                        generator=torch.Generator().manual_seed(point_seed(self.seed, points_cont[i],
+                                                                           points_cat[i])))
+            for i in padded], dim=1).to(device)
+        with torch.no_grad():
+            cond = self.encoder(torch.from_numpy(points_cont[padded]).to(device),
+                                torch.from_numpy(points_cat[padded]).to(device))
+            x0 = self.diffusion.sample(self.network, cond, noise, sampler=self.sampler, steps=self.steps)
+        drawn = x0[: len(points)].float().cpu().numpy()
+        if not np.isfinite(drawn).all():
+            raise RuntimeError("the model produced non-finite samples; the fit diverged or the "
+                               "sampler is unstable for this diffusion setting")
+        if self.standardise:
+            sd = drawn.std(axis=1, keepdims=True, dtype=np.float64)
+            drawn = ((drawn - drawn.mean(axis=1, keepdims=True, dtype=np.float64))
+                     / np.maximum(sd, 1e-12)).astype(np.float32)
+        return drawn
 
 
 def scored_points(drawer: Drawer, grid: Grid | None, cont, cat, missing, n_samples: int, with_joint: bool):
