@@ -260,41 +260,68 @@ def _mixed_model(F, Z, y, w, pen, em_iter):
     ``u_j ~ N(0, tau2_j I)``, small ridge ``pen`` on ``beta``; ``tau2`` by EM.
 
     Shapes: F [R, p], Z [R, K], y and w [R, D] -> beta [p, D], u [K, D], tau2 [D], and the posterior
-    variance of each site effect u_var [K, D].
+    variance of each site effect u_var [K, D]. The D columns are independent problems, solved together
+    as a batch of (p + K)-square systems (a loop over columns spent most of a 200-IDP fit in the
+    per-call overhead of small solves).
     """
     n, p = F.shape
     k = Z.shape[1]
     d = y.shape[1]
     X = np.concatenate([F, Z], axis=1)
     tau2 = np.full(d, 0.1 * np.var(y, axis=0).clip(1e-6))
-    beta, u = np.zeros((p, d)), np.zeros((k, d))
     u_var = np.zeros((k, d))
     if k == 0:
         em_iter = 1
+    gram = _weighted_grams(X, w)  # [D, P, P]: X^T diag(w_j) X
+    rhs = (X.T @ (w * y)).T  # [D, P]
+    fixed, sites = np.arange(p), np.arange(p, p + k)
     for _ in range(em_iter):
-        for j in range(d):
-            Xw = X * w[:, j:j + 1]
-            A = Xw.T @ X
-            A[np.arange(p), np.arange(p)] += pen
-            A[np.arange(p, p + k), np.arange(p, p + k)] += 1.0 / tau2[j]
-            try:
-                chol = np.linalg.cholesky(A)
-            except np.linalg.LinAlgError:
-                A[np.arange(p + k), np.arange(p + k)] += 1e-8 * np.trace(A) / (p + k)
-                chol = np.linalg.cholesky(A)
-            theta = _chol_solve(chol, Xw.T @ y[:, j])
-            beta[:, j], u[:, j] = theta[:p], theta[p:]
-            if k:
-                inv = _chol_solve(chol, np.eye(p + k))[p:, p:]
-                u_var[:, j] = np.diag(inv)
-                tau2[j] = max((u[:, j] @ u[:, j] + np.trace(inv)) / k, 1e-8)
+        A = gram.copy()
+        A[:, fixed, fixed] += pen
+        A[:, sites, sites] += (1.0 / tau2)[:, None]
+        inv = _spd_inverse(A)
+        theta = np.einsum("dij,dj->di", inv, rhs)
+        beta, u = theta[:, :p].T, theta[:, p:].T
+        if k:
+            inv_u = inv[:, p:, p:]
+            u_var = np.diagonal(inv_u, axis1=1, axis2=2).T.copy()
+            tau2 = np.maximum((np.sum(u * u, axis=0) + np.trace(inv_u, axis1=1, axis2=2)) / k, 1e-8)
     return beta, u, tau2, u_var
 
 
-def _chol_solve(chol, b):
-    from scipy.linalg import solve_triangular
+def _weighted_grams(X: np.ndarray, w: np.ndarray, chunk_elements: int = 8_000_000) -> np.ndarray:
+    """``X^T diag(w[:, j]) X`` for every column ``j`` of ``w``: ``[D, P, P]``, in chunks of columns."""
+    n, size = X.shape
+    d = w.shape[1]
+    out = np.empty((d, size, size))
+    step = max(1, chunk_elements // max(n * size, 1))
+    for lo in range(0, d, step):
+        cols = slice(lo, lo + step)
+        out[cols] = np.swapaxes(X[None] * w.T[cols, :, None], 1, 2) @ X
+    return out
 
-    return solve_triangular(chol.T, solve_triangular(chol, b, lower=True), lower=False)
+
+def _spd_inverse(A: np.ndarray) -> np.ndarray:
+    """Inverses of a batch of symmetric positive-definite matrices ``[D, P, P]``; a matrix that is not
+    numerically positive definite gets a jitter of ``1e-8`` times its mean diagonal first."""
+    try:
+        np.linalg.cholesky(A)  # the batch at once; a failure names no matrix, so look one by one
+    except np.linalg.LinAlgError:
+        ok = np.array([_is_positive_definite(a) for a in A])
+        A = A.copy()
+        size = A.shape[1]
+        jitter = 1e-8 * np.trace(A[~ok], axis1=1, axis2=2) / size
+        A[np.flatnonzero(~ok)[:, None], np.arange(size), np.arange(size)] += jitter[:, None]
+    inv = np.linalg.inv(A)
+    return 0.5 * (inv + np.swapaxes(inv, 1, 2))
+
+
+def _is_positive_definite(a: np.ndarray) -> bool:
+    try:
+        np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        return False
+    return True
 
 
 def _bspline(x: np.ndarray, knots: np.ndarray, degree: int) -> np.ndarray:
