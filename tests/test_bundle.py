@@ -214,13 +214,16 @@ def saved_model(tmp_path_factory):
     return model.save(tmp_path_factory.mktemp("bundle") / "model")
 
 
-def _edit_params(src, dest, **params):
-    """A copy of bundle ``src`` whose params are edited and whose manifest is brought up to date."""
+def _edit_params(src, dest, drop=(), **params):
+    """A copy of bundle ``src`` whose params are edited (``drop``: top-level entries of model.json left
+    out) and whose manifest is brought up to date."""
     import shutil
 
     shutil.copytree(src, dest)
     meta = json.loads((dest / "model.json").read_text())
     meta["params"].update(params)
+    for key in drop:
+        meta.pop(key)
     data = (json.dumps(meta, indent=2) + "\n").encode()
     (dest / "model.json").write_bytes(data)
     _rewrite_manifest(dest, lambda m: {**m, "files": {**m["files"], "model.json": {
@@ -234,6 +237,7 @@ def _edit_params(src, dest, **params):
     ({"unknown_site": "guess"}, "unknown_site='guess'"),
     ({"backbone": "resnet"}, "backbone='resnet'"),
     ({"learning_rate_typo": 1}, "learning_rate_typo"),
+    ({"joint_shrinkage": 2}, "joint_shrinkage=2"),
 ])
 def test_invalid_parameters_in_model_json_are_refused_by_the_estimator_checks(saved_model, tmp_path,
                                                                               params, culprit):
@@ -277,3 +281,16 @@ def test_the_model_card_is_read_without_rebuilding_the_model(saved_model):
     from normdiff_bids.model.persistence import load_model, read_model_card
 
     assert read_model_card(saved_model) == load_model(saved_model).model_card()
+
+
+
+def test_a_bundle_from_before_the_joint_shrinkage_floor_scores_without_one(saved_model, tmp_path):
+    from normdiff_bids import load_model
+    from normdiff_bids.scoring.joint import model_shrinkage
+
+    model = load_model(saved_model)
+    assert model.joint_shrinkage_ == model_shrinkage(2, model.n_train_) > 0
+    assert model.model_card()["joint_deviation"]["covariance_shrinkage_floor"] == model.joint_shrinkage_
+    # its joint map was learnt without a floor, so it must go on scoring without one
+    old = load_model(_edit_params(saved_model, tmp_path / "old", drop=("joint_shrinkage",)))
+    assert old.joint_shrinkage_ == 0.0

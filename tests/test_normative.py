@@ -17,7 +17,7 @@ from normdiff_bids.data.synthetic import SyntheticCohort
 from normdiff_bids.errors import InputError
 from normdiff_bids.model.bundle import BundleError
 from normdiff_bids.model.normative import _POINT_CACHE
-from normdiff_bids.scoring.joint import joint_deviation
+from normdiff_bids.scoring.joint import joint_deviation, model_shrinkage
 
 TINY = {"hidden": 32, "n_blocks": 2, "time_embed_dim": 16}
 SCORE_COLUMNS = ["participant_id", "idp", "value", "centile", "z", "tail", "extrapolated", "unknown_site",
@@ -166,16 +166,23 @@ def test_grid_scoring_agrees_with_exact_scoring(model, cohort):
 
 def test_joint_scores_equal_the_scoring_module_on_the_same_draws(model, test, cohort):
     # the raw score against the draws (the calibration layer maps the joint centile afterwards)
+    assert model.joint_shrinkage_ == model_shrinkage(len(cohort.idps), model.n_train_) > 0
+    fitted = model.joint_shrinkage_
     model.set_params(covariate_grid="off", calibration="off")
     try:
-        scores = model.score(test)
         samples = model.sample(test)  # exact draws at each row: the ones scoring used
+        for floor in (fitted, 0.9):  # 0.9: far above Ledoit-Wolf's own, so it changes the statistic
+            model.joint_shrinkage_ = floor
+            scores = model.score(test)
+            expected = joint_deviation(test[cohort.idps].to_numpy(float), samples, shrinkage=floor)
+            got = scores.groupby("participant_id", sort=False)[["joint_stat", "joint_centile"]].first()
+            np.testing.assert_allclose(got["joint_stat"], expected["joint_stat"], rtol=1e-6)
+            np.testing.assert_allclose(got["joint_centile"], expected["joint_centile"], rtol=1e-9)
+        assert not np.allclose(expected["joint_stat"], joint_deviation(test[cohort.idps].to_numpy(float),
+                                                                       samples)["joint_stat"])
     finally:
+        model.joint_shrinkage_ = fitted
         model.set_params(covariate_grid="auto", calibration="conformal")
-    expected = joint_deviation(test[cohort.idps].to_numpy(float), samples)
-    got = scores.groupby("participant_id", sort=False)[["joint_stat", "joint_centile"]].first()
-    np.testing.assert_allclose(got["joint_stat"], expected["joint_stat"], rtol=1e-6)
-    np.testing.assert_allclose(got["joint_centile"], expected["joint_centile"], rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------- persistence

@@ -15,7 +15,12 @@ from normdiff_bids.scoring import (
     joint_deviation,
     sample_quantiles,
 )
-from normdiff_bids.scoring.joint import ledoit_wolf_covariance, normal_scores_loo
+from normdiff_bids.scoring.joint import (
+    MAX_MODEL_SHRINKAGE,
+    ledoit_wolf_covariance,
+    model_shrinkage,
+    normal_scores_loo,
+)
 
 
 def test_mid_rank_centiles_on_a_hand_example():
@@ -135,6 +140,26 @@ def test_ledoit_wolf_matches_scikit_learn():
         assert ours[r] == pytest.approx(sklearn_cov.LedoitWolf().fit(x[r]).covariance_, rel=1e-8, abs=1e-10)
 
 
+def test_ledoit_wolf_floor_shrinks_at_least_that_far_towards_the_identity():
+    x = np.random.default_rng(4).normal(size=(2, 400, 6)) @ np.random.default_rng(5).normal(size=(6, 6))
+    own = ledoit_wolf_covariance(x)
+    assert ledoit_wolf_covariance(x, floor=0.001) == pytest.approx(own)  # below Ledoit-Wolf's own: unchanged
+    full = ledoit_wolf_covariance(x, floor=1.0)
+    mu = np.trace(own, axis1=1, axis2=2) / 6
+    assert full == pytest.approx(mu[:, None, None] * np.eye(6))
+    half = ledoit_wolf_covariance(x, floor=0.5)
+    off = ~np.eye(6, dtype=bool)
+    sample = np.stack([np.cov(r.T, bias=True) for r in x])
+    assert half[:, off] == pytest.approx(0.5 * sample[:, off])
+
+
+def test_model_shrinkage_vanishes_for_large_cohorts_and_is_capped():
+    assert model_shrinkage(20, 6000) == pytest.approx(20 / 6000)
+    assert model_shrinkage(100, 216) == pytest.approx(100 / 216)
+    assert model_shrinkage(150, 216) == MAX_MODEL_SHRINKAGE == 0.5
+    assert model_shrinkage(212, 0) == 0.5
+
+
 def test_leave_one_out_normal_scores_are_standard_normal_like():
     z = normal_scores_loo(np.random.default_rng(6).exponential(size=(2, 500, 3)))
     assert z.shape == (2, 500, 3) and np.all(np.isfinite(z))
@@ -165,6 +190,12 @@ def test_joint_centile_is_uniform_in_distribution_and_large_for_an_outlier():
     odd = joint_deviation(pattern, ref)
     assert np.all(odd.joint_centile > 0.995) and np.all(odd.joint_z > 2.5)
     np.testing.assert_allclose(out.joint_z, ndtri(out.joint_centile))
+    # with the covariance half-way to the identity the centile stays uniform (it is taken among the
+    # draws' own statistics under the same covariance) and the pattern is still flagged
+    half = joint_deviation(values, samples, shrinkage=0.5)
+    assert stats.kstest(half.joint_centile, "uniform").statistic < 0.08
+    assert not np.allclose(half.joint_stat, out.joint_stat)
+    assert np.all(joint_deviation(pattern, ref, shrinkage=0.5).joint_centile > 0.99)
 
 
 def test_joint_deviation_handles_d_close_to_s_and_missing_values():

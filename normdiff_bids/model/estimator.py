@@ -38,6 +38,7 @@ from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.model.presets import PRESETS
 from normdiff_bids.model.tables import select_idps, training_rows
 from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser
+from normdiff_bids.scoring.joint import model_shrinkage
 
 __all__ = ["NormativeDiffusion", "load_model"]
 
@@ -72,6 +73,9 @@ PARAMETER_CONSTRAINTS = {
     "missing_idps": P.one_of(("use", "drop"), "choose 'use' or 'drop'"),
     "covariate_kinds": P.Constraint(lambda v: v is None or isinstance(v, Mapping),
                                     "None or a mapping {covariate: 'continuous' | 'categorical'}"),
+    "joint_shrinkage": P.Constraint(
+        lambda v: v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1),
+        "'auto' or a number from 0 to 1"),
 }
 
 
@@ -175,6 +179,14 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         ``{covariate: "continuous" | "categorical"}`` for covariates whose kind is declared instead of
         inferred from the column, e.g. ``{"scanner": "categorical"}`` for a scanner coded 1, 2, 3 (a
         covariate declared continuous must hold numbers). ``None``: every kind inferred as above.
+    joint_shrinkage : "auto" or float
+        Least shrinkage towards the identity of the covariance under which the joint deviation measures a
+        subject's distance (:mod:`~normdiff_bids.scoring.joint`): the dependence between IDPs that the
+        model learnt from few people per IDP is rough, and a distance under a rough covariance makes new
+        people look atypical. ``"auto"``: ``min(0.5, D / N)`` for D IDPs learnt from N training rows
+        (:func:`~normdiff_bids.scoring.joint.model_shrinkage`); 0: the model's own dependence, with
+        Ledoit-Wolf's shrinkage only. Set at ``fit`` (``joint_shrinkage_``; the calibration layer's
+        joint map is learnt with it).
     """
 
     def __init__(self, backbone: str = "film-mlp", covariates: Sequence[str] = ("age", "sex", "site"),
@@ -188,7 +200,8 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
                  covariate_grid: str = "auto", grid_step: float | None = None,
                  location_scale: str = "pooled", calibration: str = "conformal",
                  site_covariate: str | None = "site", draw_table: str = "auto", missing_idps: str = "use",
-                 verbose: bool = True, covariate_kinds: Mapping[str, str] | None = None):
+                 verbose: bool = True, covariate_kinds: Mapping[str, str] | None = None,
+                 joint_shrinkage: float | str = "auto"):
         self.backbone = backbone
         self.covariates = covariates
         self.seed = seed
@@ -217,6 +230,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         self.missing_idps = missing_idps
         self.verbose = verbose
         self.covariate_kinds = covariate_kinds
+        self.joint_shrinkage = joint_shrinkage
 
     # ------------------------------------------------------------------ sklearn conventions
     @classmethod
@@ -336,6 +350,8 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
             raise
         self.history_ = history
         self.n_train_ = summary["n_train"]
+        self.joint_shrinkage_ = (model_shrinkage(self.n_features_in_, self.n_train_)
+                                 if self.joint_shrinkage == "auto" else float(self.joint_shrinkage))
         # planned, not drawn: scoring keeps the points it draws in it (the calibration's first), saving
         # draws the rest
         self.draw_table_ = self._plan_draw_table() if self.draw_table == "auto" else None

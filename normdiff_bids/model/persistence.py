@@ -62,6 +62,9 @@ class _PersistenceMixin:
                 "method": "split-conformal maps from cross-fitted reference controls",
                 "applied": self.calibration == "conformal", **self.calibration_.summary()}),
             "adaptations": list(self.adaptations_),
+            "joint_deviation": {"statistic": "Mahalanobis length of the normal scores, centile among the "
+                                             "model's draws",
+                                "covariance_shrinkage_floor": float(getattr(self, "joint_shrinkage_", 0.0))},
             "draw_table": self._draw_table_card(),
             "n_train": int(self.n_train_),
             "training_summary": json_ready(self.training_summary_),
@@ -103,6 +106,7 @@ class _PersistenceMixin:
             "created": self.created_,
             "location_scale": None if self.stage_ is None else self.stage_.to_dict(),
             "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
+            "joint_shrinkage": float(getattr(self, "joint_shrinkage_", 0.0)),
             "adaptations": list(self.adaptations_),
             "draw_table": None if table is None else table.settings,
             "model_card": self.model_card(),
@@ -160,6 +164,8 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
         model.stage_ = None if stage is None else LocationScaleStage.from_dict(stage)
         model.calibration_ = None if layer is None else CentileCalibration.from_dict(layer)
         model.adaptations_ = list(meta.get("adaptations", []))
+        # bundles from before the floor scored (and calibrated) their joint deviation without one
+        model.joint_shrinkage_ = float(meta.get("joint_shrinkage", 0.0))
         encoder = CovariateEncoder(model._model_space().network_schema(), model.encoder_config_)
         network = spec.module(model.n_features_in_, encoder.cond_dim, model.backbone_config_)
         encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})

@@ -86,7 +86,8 @@ class _PredictionMixin:
     def _scored_points(self, cont, cat, missing, with_joint: bool):
         """As :func:`~normdiff_bids.model.sampling.scored_points`, on the covariates the network sees."""
         return scored_points(self._drawer(), self._grid(), cont, self._model_space().network_cat(cat),
-                             missing, int(self.n_samples), with_joint)
+                             missing, int(self.n_samples), with_joint,
+                             float(getattr(self, "joint_shrinkage_", 0.0)))
 
     def _calibrated(self) -> CentileCalibration | None:
         return self.calibration_ if self.calibration == "conformal" else None

@@ -250,13 +250,14 @@ class Drawer:
         return drawn
 
 
-def scored_points(drawer: Drawer, grid: Grid | None, cont, cat, missing, n_samples: int, with_joint: bool):
+def scored_points(drawer: Drawer, grid: Grid | None, cont, cat, missing, n_samples: int, with_joint: bool,
+                  joint_shrinkage: float = 0.0):
     """Iterate over the rows without missing covariates, in chunks that share covariate points.
 
     Yields ``(rows, q [r, S, D] per-IDP sorted samples in model space, point draws or None)``.
     A row's sorted samples are its own point's (exact) or the interpolation of its two grid points'
     quantile functions; its :class:`~normdiff_bids.scoring.conditional.PointDraws` (the joint deviation
-    and conditional centiles score against them) are those of the nearer point.
+    and conditional centiles score against them, with ``joint_shrinkage``) are those of the nearer point.
     """
     rows = np.flatnonzero(~missing)
     if not len(rows):
@@ -269,7 +270,7 @@ def scored_points(drawer: Drawer, grid: Grid | None, cont, cat, missing, n_sampl
     for first, samples in drawer.draw(points_cont, points_cat, n_samples, desc="sampling"):
         for j, smp in enumerate(samples):
             srt = np.sort(smp, axis=0).astype(np.float64)
-            cache[first + j] = (srt, PointDraws(smp) if with_joint else None)
+            cache[first + j] = (srt, PointDraws(smp, joint_shrinkage) if with_joint else None)
         done = first + len(samples)
         end = cursor + np.searchsorted(last[order[cursor:]], done, side="left")
         take = order[cursor:end]

@@ -38,21 +38,24 @@ MIN_SPARE_DRAWS = 20
 
 class PointDraws:
     """One covariate point's draws ``[S, D]`` (model space) and what scoring against them needs,
-    computed once per point (and per IDP subset or given set) and shared by the rows at the point."""
+    computed once per point (and per IDP subset or given set) and shared by the rows at the point.
+    ``shrinkage``: the joint covariance's shrinkage floor
+    (:func:`~normdiff_bids.scoring.joint.model_shrinkage`)."""
 
-    def __init__(self, samples: np.ndarray):
+    def __init__(self, samples: np.ndarray, shrinkage: float = 0.0):
         self.z = normal_scores_loo(np.asarray(samples, dtype=np.float64)[None])[0]  # [S, D]
+        self.shrinkage = float(shrinkage)
         self._joint: dict = {}
         self._conditional: dict = {}
 
     def joint(self, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(chol [k, k], ref [S // 2])`` of the joint deviation over the IDPs ``present`` (a boolean
-        mask; ``None``: all): the Cholesky factor of the Ledoit-Wolf covariance of the even-position
+        mask; ``None``: all): the Cholesky factor of the (floored) Ledoit-Wolf covariance of the even-position
         draws' normal scores and the statistic of the odd-position draws."""
         key = None if present is None or bool(np.all(present)) else np.asarray(present, bool).tobytes()
         if key not in self._joint:
             z = (self.z if key is None else self.z[:, np.asarray(present, bool)])[None]
-            chol = np.linalg.cholesky(ledoit_wolf_covariance(z[:, 0::2]))
+            chol = np.linalg.cholesky(ledoit_wolf_covariance(z[:, 0::2], self.shrinkage))
             self._joint[key] = (chol[0], mahalanobis(z[:, 1::2], chol)[0])
         return self._joint[key]
 
