@@ -103,7 +103,9 @@ def init_group_wf(*, bids_dir, output_dir, fs_dir=None, participant_label=None, 
     if from_model is None:
         train = pe.Node(TrainNormativeModel(covariates=covariates.to_list(),
                                             holdout_fraction=holdout_fraction, backbone=backbone,
-                                            seed=seed, device=device, use_gpu=use_gpu),
+                                            seed=seed, device=device, use_gpu=use_gpu,
+                                            freesurfer_stream="longitudinal" if longitudinal
+                                            else "cross-sectional"),
                         name="train_model")
         _optional(train, epochs=epochs, n_samples=n_samples,
                   model_options=dict(model_options) if model_options else None)

@@ -148,3 +148,18 @@ def test_a_folder_of_longitudinal_runs_only_says_to_pass_the_flag(long_bids, tmp
     table = collect_idps(long_bids, fs_dir=fs, idp_set=IDPS, longitudinal=True)[0]
     assert list(zip(table["participant_id"], table["session_id"])) == [
         ("sub-001", "ses-01"), ("sub-001", "ses-02"), ("sub-002", "ses-01"), ("sub-002", "ses-02")]
+
+
+def test_the_model_card_names_the_stream_and_the_participant_level_notices_the_other(long_out, long_bids,
+                                                                                     capsys):
+    card = json.loads((long_out / "models" / "default_modelcard.json").read_text())
+    assert card["training_data"] == {"freesurfer_stream": "longitudinal"}
+    capsys.readouterr()
+    plan = check_inputs(build_parser().parse_args([str(long_bids), str(long_out), "participant",
+                                                   "--participant-label", "001"]), ["participant"])
+    said = capsys.readouterr().err
+    assert "trained on IDPs of FreeSurfer's longitudinal stream" in said and "add --longitudinal" in said
+    assert plan.model is not None
+    check_inputs(build_parser().parse_args([str(long_bids), str(long_out), "participant", "--longitudinal",
+                                            "--participant-label", "001"]), ["participant"])
+    assert "stream" not in capsys.readouterr().err

@@ -332,6 +332,14 @@ def check_model(opts, plan: Plan, model_dir: Path):
         raise InputError(f"no model found at {model_dir}; run the group level first, or pass --model "
                          f"with a model folder written by it")
     model = load_model(model_dir, device="cpu")
+    trained_on = model.training_data_.get("freesurfer_stream")
+    reading = "longitudinal" if plan.longitudinal else "cross-sectional"
+    if trained_on is not None and trained_on != reading:
+        # the longitudinal stream's estimates differ systematically from the cross-sectional ones
+        say(f"normdiff-bids: warning: the model {model_dir} was trained on IDPs of FreeSurfer's {trained_on} "
+            f"stream and this run reads the {reading} one; its deviations mix the two streams' differences "
+            f"with the participants' ({'add' if trained_on == 'longitudinal' else 'drop'} --longitudinal "
+            f"to read the stream it was trained on)", always=True)
     plan.covariates = _model_covariates(plan, model)
     table = _collect(plan, model.idps_)
     _check_covariates(model.covariate_schema_, table, opts.unknown_site, plan.covariates.name_of("site"))

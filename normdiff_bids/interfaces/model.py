@@ -91,6 +91,10 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
                                     "and role of each), which also declares their kinds, the site covariate "
                                     "and the covariates the split is stratified by")
     idps = traits.List(traits.Str, desc="IDP columns to model; default: every other numeric column")
+    freesurfer_stream = traits.Enum("cross-sectional", "longitudinal",
+                                    desc="which FreeSurfer stream the IDP table was read from; kept in the "
+                                         "model card (training_data), so that scoring IDPs of the other "
+                                         "stream is noticed")
     reference_participants = traits.List(traits.Str, desc="participants forming the normative reference; "
                                                           "default: every row")
     reference_query = traits.Str(desc="query over the table's columns selecting the reference rows, e.g. "
@@ -154,6 +158,8 @@ class TrainNormativeModel(SimpleInterface):
         model = NormativeDiffusion(backbone=self.inputs.backbone, covariates=tuple(covariates),
                                    seed=self.inputs.seed, device=self.inputs.device, **options)
         model.fit(train, idps=idps)
+        if isdefined(self.inputs.freesurfer_stream):
+            model.training_data_ = {"freesurfer_stream": self.inputs.freesurfer_stream}
         self._results.update(write_fit_outputs(runtime.cwd, model, reference, train, holdout,
                                                self.inputs.holdout_fraction, self.inputs.seed,
                                                self.inputs.evaluate, covariates=spec))

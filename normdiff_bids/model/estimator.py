@@ -335,6 +335,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         self.stage_ = stage
         self.calibration_ = None
         self.adaptations_ = []
+        self.training_data_ = {}  # where the table came from, when a workflow says (model card)
         self.n_dropped_ = n_dropped
         self.n_partial_ = n_partial
         device = self._torch_device()

@@ -62,6 +62,7 @@ class _PersistenceMixin:
                 "method": "split-conformal maps from cross-fitted reference controls",
                 "applied": self.calibration == "conformal", **self.calibration_.summary()}),
             "adaptations": list(self.adaptations_),
+            "training_data": dict(getattr(self, "training_data_", {})),
             "joint_deviation": {"statistic": "Mahalanobis length of the normal scores, centile among the "
                                              "model's draws",
                                 "covariance_shrinkage_floor": float(getattr(self, "joint_shrinkage_", 0.0))},
@@ -107,6 +108,7 @@ class _PersistenceMixin:
             "location_scale": None if self.stage_ is None else self.stage_.to_dict(),
             "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
             "joint_shrinkage": float(getattr(self, "joint_shrinkage_", 0.0)),
+            "training_data": dict(getattr(self, "training_data_", {})),
             "adaptations": list(self.adaptations_),
             "draw_table": None if table is None else table.settings,
             "model_card": self.model_card(),
@@ -166,6 +168,7 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
         model.adaptations_ = list(meta.get("adaptations", []))
         # bundles from before the floor scored (and calibrated) their joint deviation without one
         model.joint_shrinkage_ = float(meta.get("joint_shrinkage", 0.0))
+        model.training_data_ = dict(meta.get("training_data") or {})
         encoder = CovariateEncoder(model._model_space().network_schema(), model.encoder_config_)
         network = spec.module(model.n_features_in_, encoder.cond_dim, model.backbone_config_)
         encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
