@@ -13,6 +13,7 @@ from normdiff_bids.model.backbones import (
     get_backbone,
     preset_config,
 )
+from normdiff_bids.model.backbones.film_mlp import SMALL_COHORT_ROWS, default_config
 
 SMALL = FiLMMLPConfig(hidden=32, n_blocks=3, time_embed_dim=16)
 
@@ -96,6 +97,10 @@ def test_config_round_trip_and_presets():
     assert (paper.hidden, paper.n_blocks, paper.dropout, paper.norm, paper.residual) == (384, 8, 0.1, "batch",
                                                                                            False)
     assert preset_config("film-mlp", "default", hidden=128).hidden == 128
+    # the default preset sizes the network by the cohort: half the width below SMALL_COHORT_ROWS rows
+    assert default_config(SMALL_COHORT_ROWS, 20) == FILM_MLP_PRESETS["default"]
+    assert default_config(SMALL_COHORT_ROWS - 1, 20).hidden == FILM_MLP_PRESETS["default"].hidden // 2
+    assert default_config(300, 20).n_blocks == FILM_MLP_PRESETS["default"].n_blocks
     assert set(FILM_MLP_PRESETS) >= {"paper", "default"}
     with pytest.raises(ValueError, match="unknown FiLMMLPConfig field"):
         FiLMMLPConfig.from_dict({"width": 3})
