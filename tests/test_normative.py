@@ -170,16 +170,18 @@ def test_joint_scores_equal_the_scoring_module_on_the_same_draws(model, test, co
     fitted = model.joint_shrinkage_
     model.set_params(covariate_grid="off", calibration="off")
     try:
-        samples = model.sample(test)  # exact draws at each row: the ones scoring used
+        # exact draws at each row (the ones scoring used), in the preprocessed units the model scores in:
+        # the tail rule beyond the draws is fitted there (the per-row standardisation after it is affine)
+        samples = model.scaler_.transform(model.sample(test))
+        values = model.scaler_.transform(test[cohort.idps].to_numpy(float))
         for floor in (fitted, 0.9):  # 0.9: far above Ledoit-Wolf's own, so it changes the statistic
             model.joint_shrinkage_ = floor
             scores = model.score(test)
-            expected = joint_deviation(test[cohort.idps].to_numpy(float), samples, shrinkage=floor)
+            expected = joint_deviation(values, samples, shrinkage=floor)
             got = scores.groupby("participant_id", sort=False)[["joint_stat", "joint_centile"]].first()
             np.testing.assert_allclose(got["joint_stat"], expected["joint_stat"], rtol=1e-6)
             np.testing.assert_allclose(got["joint_centile"], expected["joint_centile"], rtol=1e-9)
-        assert not np.allclose(expected["joint_stat"], joint_deviation(test[cohort.idps].to_numpy(float),
-                                                                       samples)["joint_stat"])
+        assert not np.allclose(expected["joint_stat"], joint_deviation(values, samples)["joint_stat"])
     finally:
         model.joint_shrinkage_ = fitted
         model.set_params(covariate_grid="auto", calibration="conformal")

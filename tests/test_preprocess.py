@@ -24,6 +24,26 @@ def test_zscore_standardises_with_training_stats(skewed):
     np.testing.assert_allclose(scaler.inverse_transform(z), skewed, rtol=1e-12)
 
 
+def test_log_standardises_the_log_of_positive_idps_only_and_inverts_everywhere(skewed):
+    scaler = IDPScaler("log").fit(skewed)
+    z = scaler.transform(skewed)
+    assert abs(stats.skew(z[:, 0])) < 0.1  # the log of a lognormal is normal
+    np.testing.assert_allclose(z[:, 0], stats.zscore(np.log(skewed[:, 0])), atol=1e-10)
+    np.testing.assert_allclose(z[:, 2], stats.zscore(skewed[:, 2]), atol=1e-10)  # has zeros: not logged
+    np.testing.assert_allclose(scaler.inverse_transform(z), skewed, rtol=1e-12)
+    # a new person's zero or negative value of a logged IDP still maps, below every training value
+    x = np.array([[0.0, 2.5, 1.0], [-50.0, 2.4, 1.0], [1e6, 2.6, 1.0]])
+    out = scaler.transform(x)
+    assert np.isfinite(out).all() and out[1, 0] < out[0, 0] < z[:, 0].min() and out[2, 0] > z[:, 0].max()
+    np.testing.assert_allclose(scaler.inverse_transform(out), x, rtol=1e-9, atol=1e-9)
+    # quantiles in model space come back positive however low: the model's bands never reach zero
+    assert (scaler.inverse_transform(np.full((1, 3), -5.0))[0, :2] > 0).all()
+    grid = np.linspace(-100, 1e5, 20001)
+    assert (np.diff(scaler.transform(np.column_stack([grid] * 3)), axis=0) > 0).all()
+    state = IDPScaler.from_dict(scaler.to_dict())
+    np.testing.assert_allclose(state.transform(x), out)
+
+
 def test_quantile_normal_makes_skewed_idps_normal_and_inverts_exactly(skewed):
     scaler = IDPScaler("quantile-normal").fit(skewed)
     z = scaler.transform(skewed)

@@ -119,8 +119,12 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
     unknown_site : "error" | "marginal"
         What scoring does with a site never seen in training: refuse (default), or score under the
         model's marginal over sites (the unknown-site level trained by embedding dropout).
-    preprocessing : "zscore" | "quantile-normal"
+    preprocessing : "log" | "zscore" | "quantile-normal"
         Per-IDP transform before diffusion (:class:`~normdiff_bids.model.preprocess.IDPScaler`).
+        ``"log"`` (default): the z-scored log of every IDP whose training values are all positive (the
+        others z-scored as they are), so spread grows with size and centile bands of volumes stay
+        positive; on the cohorts measured it was as well calibrated as ``"zscore"`` or better
+        (docs/method.md).
     backbone_config, diffusion_config, encoder_config : dict or None
         Overrides of the backbone preset, of ``DEFAULTS["diffusion"]`` (fields of
         ``DiffusionConfig``) and of :class:`CovariateEncoderConfig`.
@@ -194,7 +198,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
                  batch_size: int | None = None,
                  lr: float | None = None, n_samples: int = 1000, sampler: str | None = None,
                  steps: int | None = None, validation_fraction: float = 0.1, unknown_site: str = "error",
-                 preprocessing: str = "zscore", backbone_config: dict | None = None,
+                 preprocessing: str = "log", backbone_config: dict | None = None,
                  diffusion_config: dict | None = None, encoder_config: dict | None = None,
                  preset: str | None = None, ema_decay: float | None = None, patience: int | None = None,
                  covariate_grid: str = "auto", grid_step: float | None = None,
