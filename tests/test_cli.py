@@ -91,7 +91,7 @@ def test_participant_level_writes_tables_maps_and_reports(participant_out, group
             assert np.isfinite(np.asarray(img.dataobj)).any()
         assert list(anat.glob("*_hemi-L_space-fsnative_desc-thickness_zmap.func.gii"))
         report = (participant_out / f"sub-{label}.html").read_text()
-        assert 'alt="deviation map slices"' in report  # the map slices, over the subject's aparc+aseg
+        assert 'aria-label="deviation map slices"' in report  # the map slices, over the subject's aparc+aseg
         assert f"sub-{label}_desc-volume_zmap.nii.gz" in report  # the files it wrote are listed
     assert not (participant_out / "sub-003").exists()  # only the chosen participants
 

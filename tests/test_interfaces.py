@@ -138,7 +138,7 @@ def test_maps_and_report_nodes_write_into_their_own_folders(linear_run, bids, tm
     assert np.isnan(painted[labels == 0]).all()
     assert any(p.endswith(".func.gii") for p in outputs["maps"].surface_maps)
     html = open(outputs["report"].out_report, encoding="utf-8").read()
-    assert participant in html and "<img" in html
+    assert participant in html and '<svg class="figure"' in html
 
 
 def test_reference_split_is_by_participant_stratified_and_reproducible():

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from normdiff_bids.outputs import svg
-from normdiff_bids.outputs.figures import _AMBER, _GREY, _RED
+from normdiff_bids.outputs.flags import AMBER as _AMBER
+from normdiff_bids.outputs.flags import GREY as _GREY
+from normdiff_bids.outputs.flags import RED as _RED
 
 NS = "{http://www.w3.org/2000/svg}"
 
@@ -110,3 +112,32 @@ def test_joint_deviation_marks_the_subject_and_the_cohort():
     few = _parse(svg.joint_deviation(-0.3, [0.1, 0.5, 1.2]))
     assert sum(1 for e in _all(few, "line") if e.get("stroke") == "#555555") == 3
     assert not re.search(r"nan|inf", str(svg.joint_deviation(np.nan)))
+
+
+def test_map_slices_paint_each_map_over_the_grey_anatomy_in_neurological_view():
+    import base64
+    import io
+
+    from PIL import Image
+
+    labels = np.zeros((20, 20, 20), dtype=np.int32)
+    labels[4:16, 4:16, 4:16] = 2  # brain
+    labels[4:10, 4:16, 4:16] = 17  # the subject's left half (low x in RAS) is a scored region
+    z = np.where(labels == 17, 4.0, np.nan).astype(np.float32)
+    root = _parse(svg.map_slices({"volume": z, "thickness": -z}, labels, np.eye(4)))
+    images = list(_all(root, "image"))
+    assert len(images) == 2 and "volume" in [t.text for t in _all(root, "text")]
+    pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(i.get("href").split(",", 1)[1]))))
+              for i in images]
+    row = pixels[0][pixels[0].shape[0] // 2]  # a line through the middle of the slices
+    row = row.astype(int)
+    red = (row[:, 0] > row[:, 1] + 50) & (row[:, 0] > row[:, 2] + 50)
+    grey = (row[:, 0] == row[:, 1]) & (row[:, 1] == row[:, 2]) & (row[:, 0] < 230)
+    assert red.any() and grey.any()
+    # neurological view: the subject's left (the scored half) is on the left of each slice, so within
+    # the first slice the red run lies left of the grey one
+    first = slice(0, pixels[0].shape[1] // 5)
+    assert np.flatnonzero(red[first]).max() < np.flatnonzero(grey[first]).min()
+    other = pixels[1][pixels[1].shape[0] // 2].astype(int)
+    assert ((other[:, 2] > other[:, 0] + 50) & (other[:, 2] > other[:, 1] + 20)).any()  # negative: blue
+    assert not ((other[:, 0] > other[:, 1] + 50) & (other[:, 0] > other[:, 2] + 50)).any()

@@ -21,7 +21,7 @@ from markupsafe import Markup
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_write_text
 from normdiff_bids.conventions import preview
-from normdiff_bids.outputs import figures, names, svg
+from normdiff_bids.outputs import flags, names, svg
 from normdiff_bids.outputs.regions import describe_idp
 from normdiff_bids.outputs.score_tables import covariate_columns, given_idps, idps_of_wide, scores_to_wide
 from normdiff_bids.templating import render
@@ -47,7 +47,7 @@ def _subject_idp_table(row: pd.Series) -> pd.DataFrame:
             "cond_centile": _float(row.get(f"{idp}_cond_centile")),
             "cond_z": _float(row.get(f"{idp}_cond_z")),
             "tail": int(tail) if tail is not None and not pd.isna(tail) else 0,
-            "flag": "**" if abs(z) > figures.Z_STRONG else "*" if abs(z) > figures.Z_FLAG else "",
+            "flag": "**" if abs(z) > flags.Z_STRONG else "*" if abs(z) > flags.Z_FLAG else "",
         })
     return pd.DataFrame.from_records(records)
 
@@ -145,7 +145,7 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
     if table.empty:
         raise ValueError("the score row has no IDP scores ('<idp>_centile' and '<idp>_z')")
     entities = names.subject_entities(row["participant_id"], row.get("session_id"))
-    flagged = table.loc[table["z"].abs() > figures.Z_FLAG].copy()
+    flagged = table.loc[table["z"].abs() > flags.Z_FLAG].copy()
     flagged = flagged.reindex(flagged["z"].abs().sort_values(ascending=False).index)
     ranked = table.reindex(table["z"].abs().sort_values(ascending=False).index)
     top = ranked.head(max(n_curves, 1))
@@ -166,9 +166,9 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
     joint_z = _float(row.get("joint_z"))
     joint_svg = svg.joint_deviation(joint_z, cohort_joint_z) if np.isfinite(joint_z) else None
 
-    slices_uri, slices_note = None, None
+    slices_svg, slices_note = None, None
     if maps and label_volume is not None:
-        slices_uri, slices_note = _map_slices(maps, label_volume)
+        slices_svg, slices_note = _map_slices(maps, label_volume)
     else:
         slices_note = "No deviation map was written for this subject (no FreeSurfer aparc+aseg was given)."
 
@@ -194,8 +194,8 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
         "covariates": covariates,
         "extrapolated": _is_true(row.get("extrapolated")),
         "n_idps": n_idps,
-        "n_flagged": int((table["z"].abs() > figures.Z_FLAG).sum()),
-        "n_strong": int((table["z"].abs() > figures.Z_STRONG).sum()),
+        "n_flagged": int((table["z"].abs() > flags.Z_FLAG).sum()),
+        "n_strong": int((table["z"].abs() > flags.Z_STRONG).sum()),
         "expected_flagged": 0.05 * n_idps,
         "expected_strong": 0.01 * n_idps,
         "flagged": flagged.to_dict(orient="records"),
@@ -207,7 +207,7 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
         "curves_svg": curves_svg, "curves_note": curves_note,
         "curve_quantiles": CURVE_QUANTILES,
         "joint_svg": joint_svg,
-        "slices_uri": slices_uri, "slices_note": slices_note,
+        "slices_svg": slices_svg, "slices_note": slices_note,
         "files": listed,
         "given": given, "given_missing": _is_true(row.get("cond_given_missing")),
         "conditional": conditional.head(15).to_dict(orient="records"),
@@ -217,7 +217,7 @@ def render_subject_report(row: pd.Series, *, model=None, maps: Mapping[str, str 
     return render("subject_report.html", **context)
 
 
-def _map_slices(maps: Mapping[str, str | os.PathLike], label_volume) -> tuple[str | None, str | None]:
+def _map_slices(maps: Mapping[str, str | os.PathLike], label_volume) -> tuple[Markup | None, str | None]:
     import nibabel as nib
 
     from normdiff_bids.outputs.maps import load_label_volume
@@ -229,7 +229,7 @@ def _map_slices(maps: Mapping[str, str | os.PathLike], label_volume) -> tuple[st
         if zimg.shape != labels.shape or not np.allclose(zimg.affine, img.affine, atol=1e-4):
             return None, f"The {measure} map does not share the label volume's grid; slices not drawn."
         arrays[measure] = np.asarray(zimg.dataobj, dtype=np.float32)
-    return figures.to_data_uri(figures.map_slices(arrays, labels, img.affine), dpi=90), None
+    return svg.map_slices(arrays, labels, img.affine), None
 
 
 def _subject_title(entities: Mapping[str, str]) -> str:
@@ -326,6 +326,7 @@ def render_group_report(scores: pd.DataFrame, *, model_card: Mapping | None = No
     site).
     """
     from normdiff_bids.covariate_spec import CovariateSpecs
+    from normdiff_bids.outputs import figures  # matplotlib: only the group report needs it
 
     spec = CovariateSpecs.coerce(covariates)
     wide = scores_to_wide(scores) if "idp" in scores.columns else scores
@@ -333,7 +334,7 @@ def render_group_report(scores: pd.DataFrame, *, model_card: Mapping | None = No
     n = len(wide)
     zcols = [f"{i}_z" for i in idps]
     z = wide[zcols].to_numpy(dtype=float) if idps else np.empty((n, 0))
-    rates = pd.DataFrame({"idp": idps, "rate": np.nanmean(np.abs(z) > figures.Z_FLAG, axis=0) if n else 0.0})
+    rates = pd.DataFrame({"idp": idps, "rate": np.nanmean(np.abs(z) > flags.Z_FLAG, axis=0) if n else 0.0})
     joint_z = wide["joint_z"].to_numpy(dtype=float) if "joint_z" in wide.columns else np.array([])
 
     cohort = {"n_rows": n,
@@ -357,7 +358,7 @@ def render_group_report(scores: pd.DataFrame, *, model_card: Mapping | None = No
         paths = [names.subject_report_path(names.subject_entities(r["participant_id"], r.get("session_id")))
                  .as_posix() for _, r in top.iterrows()]
         top["report"] = [p if p in available else "" for p in paths]
-    flagged_total = float(np.nanmean(np.abs(z) > figures.Z_FLAG)) if z.size else float("nan")
+    flagged_total = float(np.nanmean(np.abs(z) > flags.Z_FLAG)) if z.size else float("nan")
     card_rows = _card_rows(model_card) if model_card else []
 
     context = {

@@ -16,12 +16,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from markupsafe import Markup, escape
-from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
-from normdiff_bids.outputs.figures import _BLUE, _GREY, _MEASURE_ORDER, Z_FLAG, Z_STRONG, _short, flag_colour
+from normdiff_bids.outputs.flags import BLUE as _BLUE
+from normdiff_bids.outputs.flags import GREY as _GREY
+from normdiff_bids.outputs.flags import MEASURE_ORDER as _MEASURE_ORDER
+from normdiff_bids.outputs.flags import Z_FLAG, Z_STRONG, flag_colour
+from normdiff_bids.outputs.flags import short_name as _short
 
-__all__ = ["centile_curves", "deviation_profile", "joint_deviation"]
+__all__ = ["centile_curves", "deviation_profile", "joint_deviation", "map_slices"]
 
 _FONT = "-apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
 _GRID, _BAND, _STEM = "#e5e5e5", "#eef3f8", "#c8c8c8"
@@ -105,14 +108,24 @@ def _rect(x, y, width, height, fill: str, **attrs) -> str:
 
 
 def _ticks(lo: float, hi: float, n: int) -> np.ndarray:
-    """Round tick values within ``[lo, hi]`` (matplotlib's locator, without drawing anything)."""
-    values = MaxNLocator(nbins=n).tick_values(lo, hi)
-    return values[(values >= lo - 1e-9 * abs(hi - lo)) & (values <= hi + 1e-9 * abs(hi - lo))]
+    """At most about ``n`` round tick values within ``[lo, hi]``: multiples of 1, 2, 2.5 or 5 times a power
+    of ten."""
+    span = hi - lo
+    if not span > 0:
+        return np.array([lo])
+    raw = span / max(n, 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    values = np.arange(first, hi + 1e-9 * span, step)
+    return np.round(values / step) * step
 
 
 def _tick_label(value: float, ticks: np.ndarray) -> str:
     step = float(np.min(np.diff(ticks))) if len(ticks) > 1 else 1.0
-    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 0
+    decimals = 0  # as many as the step needs: 2.5 -> 1, 0.25 -> 2, 20 -> 0
+    while decimals < 6 and step > 0 and abs(round(step, decimals) - step) > 1e-9 * step:
+        decimals += 1
     text = f"{value:.{decimals}f}"
     return "0" if text.lstrip("-").strip("0.") == "" else text.replace("-", "\u2212")
 
@@ -318,3 +331,99 @@ def joint_deviation(joint_z: float, cohort_joint_z: Sequence[float] | None = Non
         parts += [_rect(panel.left + 8, y - 8, 14, 8, colour), _text(panel.left + 28, y, text, 11)]
     parts.append(_text(panel.left + panel.width / 2, height - 10, "joint deviation z", 12, "middle"))
     return _svg(width, height, "joint deviation", parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+#: ColorBrewer's RdBu, blue (low z) to red (high z): the colour scale of the map slices.
+_DIVERGING = ("#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582",
+              "#d6604d", "#b2182b", "#67001f")
+#: Pixels between two slices of a row, in voxels.
+_GAP = 4
+
+
+def _diverging_rgb(t: np.ndarray) -> np.ndarray:
+    """``t`` in [0, 1] -> RGB in [0, 1] along :data:`_DIVERGING` (piecewise linear)."""
+    stops = np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in _DIVERGING])
+    knots = np.linspace(0, 1, len(stops))
+    return np.stack([np.interp(t, knots, stops[:, k]) for k in range(3)], axis=-1)
+
+
+def _canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(data, nib.orientations.io_orientation(affine))
+
+
+def _tile(images: Sequence[np.ndarray], fill: float) -> np.ndarray:
+    gap = np.full((images[0].shape[0], _GAP), fill, dtype=np.float32)
+    parts = []
+    for i, image in enumerate(images):
+        if i:
+            parts.append(gap)
+        parts.append(image.astype(np.float32))
+    return np.concatenate(parts, axis=1)
+
+
+def _png_uri(rgb: np.ndarray, scale: int) -> str:
+    """``rgb [H, W, 3]`` in [0, 1], rows top to bottom, as a PNG data URI enlarged ``scale`` times."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(np.round(rgb * 255).astype(np.uint8), mode="RGB")
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def map_slices(maps: Mapping[str, np.ndarray], labels: np.ndarray, affine: np.ndarray,
+               n_slices: int = 5, width_px: int = 900) -> Markup:
+    """A few axial slices of each deviation map over its label volume (rows: measures), with a z colour
+    bar. Arrays are reoriented to RAS: slices in neurological view (the subject's left on the left,
+    anterior up). Unscored voxels (NaN) show the grey anatomy (cortex a shade darker); colours run from
+    blue (below the normative median) to red, symmetric about 0 out to at least |z| = 3. A row is
+    enlarged by a whole factor (nearest neighbour) to about ``width_px`` pixels."""
+    lab = _canonical(labels, affine)
+    brain = lab > 0
+    zs = np.where(brain.any(axis=(0, 1)))[0]
+    if zs.size == 0:
+        raise ValueError("the label volume is empty")
+    slices = sorted({int(zs[0] + f * (zs[-1] - zs[0])) for f in np.linspace(0.3, 0.8, n_slices)})
+    xs, ys = np.where(brain.any(axis=2))
+    crop = (slice(max(xs.min() - 3, 0), xs.max() + 4), slice(max(ys.min() - 3, 0), ys.max() + 4))
+    grey = np.where(lab >= 1000, 0.62, np.where(brain, 0.78, 1.0))
+    grey_tiles = _tile([grey[crop[0], crop[1], k].T for k in slices], fill=1.0)
+    tile_width = grey[crop[0], crop[1], 0].shape[0]
+    arrays = {m: _canonical(v, affine) for m, v in maps.items()}
+    finite = np.concatenate([np.abs(a[np.isfinite(a)]) for a in arrays.values()] or [np.zeros(1)])
+    vlim = max(3.0, float(finite.max()) if finite.size else 3.0)
+    scale = max(1, round(width_px / grey_tiles.shape[1]))
+    height, width = grey_tiles.shape[0] * scale, grey_tiles.shape[1] * scale
+    left, bar_w, row_gap = 90.0, 16.0, 30.0
+    parts, top = [], 8.0
+    for measure, zmap in arrays.items():
+        overlay = _tile([zmap[crop[0], crop[1], k].T for k in slices], fill=np.nan)
+        rgb = np.repeat(grey_tiles[..., None], 3, axis=-1)
+        shown = np.isfinite(overlay)
+        rgb[shown] = _diverging_rgb(np.clip(0.5 + overlay[shown] / (2 * vlim), 0, 1))
+        parts.append(f'<image x="{_n(left)}" y="{_n(top)}" width="{width}" height="{height}" '
+                     f'href="{_png_uri(rgb[::-1], scale)}" style="image-rendering: pixelated"/>')
+        parts.append(_rotated(left - 16, top + height / 2, measure, 13, "middle"))
+        for i, k in enumerate(slices):
+            parts.append(_text(left + ((tile_width + _GAP) * i + tile_width / 2) * scale, top + height + 16,
+                               f"axial slice {k}", 10, "middle"))
+        top += height + row_gap
+    bar_x, bar_top, bar_h = left + width + 24, 8.0, top - row_gap - 8.0
+    gradient = "".join(f'<stop offset="{i / (len(_DIVERGING) - 1):.3f}" stop-color="{c}"/>'
+                       for i, c in enumerate(reversed(_DIVERGING)))  # top of the bar: high z
+    parts.append(f'<linearGradient id="zbar" x1="0" y1="0" x2="0" y2="1">{gradient}</linearGradient>')
+    parts.append(_rect(bar_x, bar_top, bar_w, bar_h, "url(#zbar)", stroke="#444", stroke_width=0.6))
+    bar = _Panel(bar_x, bar_top, bar_w, bar_h, (0.0, 1.0), (-vlim, vlim))
+    for value in _ticks(-vlim, vlim, 6):
+        y = bar.y(value)
+        parts += [_line(bar_x + bar_w, y, bar_x + bar_w + 4, y, "#444"),
+                  _text(bar_x + bar_w + 7, y + 3.5, _tick_label(value, _ticks(-vlim, vlim, 6)), 10)]
+    parts.append(_rotated(bar_x + bar_w + 48, bar_top + bar_h / 2, "z", 12, "middle"))
+    return _svg(bar_x + bar_w + 60, top - row_gap + 24, "deviation map slices", parts)
