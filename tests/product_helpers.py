@@ -130,3 +130,15 @@ def make_read_only(folder: Path):
             subprocess.run([chattr, "-i", str(folder)], check=True)
 
     return _manager()
+
+
+def latest_run_record(output_dir: Path) -> dict:
+    """The run record of the latest run in ``output_dir/logs``: by start, then by the ``-2``, ``-3`` ...
+    suffix runs that started in the same second get (which sorts before the bare name as text)."""
+    records = [json.loads(p.read_text()) for p in (Path(output_dir) / "logs").glob("run-*.json")]
+
+    def order(record):
+        stamp, _, n = record["run_id"].partition("-")
+        return stamp, int(n or 1)
+
+    return max(records, key=order)

@@ -13,6 +13,7 @@ import pytest
 from product_helpers import (
     TINY_ARGS,
     copy_bids,
+    latest_run_record,
     make_read_only,
     refused,
     rewrite_participants,
@@ -333,7 +334,6 @@ def test_empty_freesurfer_subject_folder(capsys, out, tmp_path_factory, tmp_path
 
 def test_a_participant_without_freesurfer_folder_is_named_not_dropped_silently(capsys, out, tmp_path_factory,
                                                                                 tmp_path):
-    import json
 
     damaged = copy_bids(tmp_path_factory, tmp_path / "bids")
     for folder in [*damaged.glob("sub-*"), *(damaged / "derivatives" / "freesurfer").glob("sub-*")]:
@@ -348,8 +348,7 @@ def test_a_participant_without_freesurfer_folder_is_named_not_dropped_silently(c
     assert main(participant(damaged, out)) == 0
     err = capsys.readouterr().err
     assert "no FreeSurfer folder" in err and "sub-005" in err
-    record = json.loads(sorted((out / "logs").glob("run-*.json"))[-1].read_text())
-    assert record["resolved"]["no_freesurfer"] == ["sub-005"]
+    assert latest_run_record(out)["resolved"]["no_freesurfer"] == ["sub-005"]
 
 
 def test_participants_tsv_with_byte_order_mark_and_crlf_is_read(capsys, out, tmp_path_factory, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from product_helpers import TINY_ARGS, copy_bids, refused, rewrite_participants
+from product_helpers import TINY_ARGS, copy_bids, latest_run_record, refused, rewrite_participants
 
 from normdiff_bids.cli.run import main, validate_dataset
 from normdiff_bids.data.validation import (
@@ -61,7 +61,7 @@ def invalid_bids(tmp_path_factory, tmp_path):
 
 
 def _record(out: Path) -> dict:
-    return json.loads(max((out / "logs").glob("run-*.json")).read_text())
+    return latest_run_record(out)
 
 
 def test_validator_errors_stop_the_run_in_the_validators_words(validator, capsys, invalid_bids, tmp_path):

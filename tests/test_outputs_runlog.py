@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from product_helpers import TINY_ARGS
+from product_helpers import TINY_ARGS, latest_run_record
 
 from normdiff_bids.cli.run import main
 from normdiff_bids.outputs import names
@@ -118,8 +118,7 @@ def test_a_failed_step_is_on_record_with_its_crash_report(bids, group_out, tmp_p
     status = main([str(bids), str(out), "participant", "--participant-label", "003", "004",
                    "--fs-dir", str(fs), *TINY_ARGS])
     assert status == 2
-    records = sorted((out / "logs").glob("run-*.json"), key=lambda p: json.loads(p.read_text())["start"])
-    record = json.loads(records[-1].read_text())
+    record = latest_run_record(out)
     assert record["status"] == "failed" and record["exit_code"] == 2
     assert "aparc+aseg.mgz cannot be read" in record["error"]
     [failure] = record["failures"]
