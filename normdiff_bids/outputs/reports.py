@@ -372,7 +372,7 @@ def render_group_report(scores: pd.DataFrame, *, model_card: Mapping | None = No
         "card_more": [r for r in card_rows if r[0] not in _CARD_HEADLINE],
         "card_json": json.dumps(model_card, indent=2, default=str) if model_card else None,
         "calibration": calibration_fragment(calibration_html) if calibration_html else None,
-        "joint_uri": figures.to_data_uri(figures.joint_histogram(joint_z)) if joint_z.size > 1 else None,
+        "joint_svg": svg.joint_deviation(np.nan, joint_z) if joint_z.size > 1 else None,
         "rates_uri": figures.to_data_uri(figures.flag_rates(rates)) if len(rates) and n else None,
         "flagged_total": flagged_total,
         "n_extrapolated": int(wide["extrapolated"].fillna(False).astype(bool).sum())

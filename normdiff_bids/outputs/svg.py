@@ -1,11 +1,12 @@
-"""The subject report's charts as inline SVG, written directly rather than rasterised.
+"""The reports' charts as inline SVG, written directly rather than rasterised: the subject report's
+deviation profile, centile curves, joint deviation and map slices, and the group report's joint
+deviation of the cohort.
 
 A subject report used to spend most of its time in matplotlib laying out and rasterising about a
 hundred tick labels; here the browser draws the text, so a chart costs about a millisecond, stays sharp
-at any zoom, and every point carries its exact value as a tooltip (``<title>``). Each function returns
-the ``<svg>`` element as :class:`markupsafe.Markup`; text from the data (IDP names, units) is escaped.
-The charts draw the same things as the PNG figures of :mod:`normdiff_bids.outputs.figures` they replace
-in the subject report, in the same colours.
+at any zoom, and every point carries its exact value as a tooltip (``<title>``). The map slices' pixels
+are a PNG (Pillow) inside their SVG. Each function returns the ``<svg>`` element as
+:class:`markupsafe.Markup`; text from the data (IDP names, units) is escaped.
 """
 
 from __future__ import annotations
@@ -69,8 +70,7 @@ def _points(xs, ys) -> str:
 
 def _el(tag: str, title: str | None = None, text: str | None = None, **attrs) -> str:
     """One SVG element: numbers as coordinates (0.1 px; give opacities as strings), ``stroke_width=`` as
-    ``stroke-width``, strings escaped;
-    ``title``: its tooltip; ``text``: its content."""
+    ``stroke-width``, strings escaped; ``title``: its tooltip; ``text``: its content."""
     fields = " ".join(f'{k.replace("_", "-")}="{_n(v) if isinstance(v, _NUMBER) else escape(v)}"'
                       for k, v in attrs.items() if v is not None)
     inner = (f"<title>{escape(title)}</title>" if title else "") + (escape(text) if text is not None else "")
@@ -121,28 +121,28 @@ def _ticks(lo: float, hi: float, n: int) -> np.ndarray:
     return np.round(values / step) * step
 
 
-def _tick_label(value: float, ticks: np.ndarray) -> str:
+def _tick_labels(ticks: np.ndarray) -> list[str]:
+    """The labels of ``ticks``, all with as many decimals as their step needs (2.5 -> 1, 0.25 -> 2)."""
     step = float(np.min(np.diff(ticks))) if len(ticks) > 1 else 1.0
-    decimals = 0  # as many as the step needs: 2.5 -> 1, 0.25 -> 2, 20 -> 0
+    decimals = 0
     while decimals < 6 and step > 0 and abs(round(step, decimals) - step) > 1e-9 * step:
         decimals += 1
-    text = f"{value:.{decimals}f}"
-    return "0" if text.lstrip("-").strip("0.") == "" else text.replace("-", "\u2212")
+    texts = (f"{value:.{decimals}f}" for value in ticks)
+    return ["0" if text.lstrip("-").strip("0.") == "" else text.replace("-", "\u2212") for text in texts]
 
 
 def _axes(panel: _Panel, xticks, yticks, size: float = 10, grid: str = "both") -> list[str]:
     """Grid lines, tick labels and the frame (``xticks=None``: no x ticks; ``grid``: "both", "x", "y")."""
     parts = []
-    for value in yticks:
+    for value, label in zip(yticks, _tick_labels(yticks)):
         if grid in ("both", "y"):
             parts.append(_hline(panel, value, _GRID, 0.5))
-        parts.append(_text(panel.left - 5, panel.y(value) + size * 0.35, _tick_label(value, yticks), size,
-                           "end"))
-    for value in xticks if xticks is not None else ():
+        parts.append(_text(panel.left - 5, panel.y(value) + size * 0.35, label, size, "end"))
+    xticks = [] if xticks is None else xticks
+    for value, label in zip(xticks, _tick_labels(xticks)):
         if grid in ("both", "x"):
             parts.append(_vline(panel, value, _GRID, 0.5))
-        parts.append(_text(panel.x(value), panel.bottom + size + 4, _tick_label(value, xticks), size,
-                           "middle"))
+        parts.append(_text(panel.x(value), panel.bottom + size + 4, label, size, "middle"))
     parts.append(_rect(panel.left, panel.top, panel.width, panel.height, "none", stroke="#444",
                        stroke_width=0.8))
     return parts
@@ -289,7 +289,8 @@ def _quantile_column(q: pd.DataFrame, target: float) -> np.ndarray | None:
 
 def joint_deviation(joint_z: float, cohort_joint_z: Sequence[float] | None = None) -> Markup:
     """The subject's joint z against the standard normal reference (and the cohort, when given: a
-    histogram from 20 people, one tick per person below that)."""
+    histogram from 20 people, one tick per person below that). ``joint_z=NaN``: the cohort alone (the
+    group report)."""
     width, height = 650.0, 260.0
     lim = max(4.0, abs(joint_z) + 0.5 if np.isfinite(joint_z) else 4.0)
     values = np.asarray(cohort_joint_z if cohort_joint_z is not None else [], dtype=float)
@@ -309,7 +310,8 @@ def joint_deviation(joint_z: float, cohort_joint_z: Sequence[float] | None = Non
                                                np.r_[ys, panel.bottom, panel.bottom]), fill="#dfe8f2"))
     legend = [(_BLUE, "reference N(0, 1)")]
     if hist is not None:
-        for h, a, b in zip(*hist[:1], hist[1][:-1], hist[1][1:]):
+        density, edges = hist
+        for h, a, b in zip(density, edges[:-1], edges[1:]):
             if h > 0:
                 parts.append(_rect(panel.x(a), panel.y(h), panel.x(b) - panel.x(a), panel.bottom - panel.y(h),
                                    _GREY, fill_opacity="0.45"))
@@ -421,9 +423,10 @@ def map_slices(maps: Mapping[str, np.ndarray], labels: np.ndarray, affine: np.nd
     parts.append(f'<linearGradient id="zbar" x1="0" y1="0" x2="0" y2="1">{gradient}</linearGradient>')
     parts.append(_rect(bar_x, bar_top, bar_w, bar_h, "url(#zbar)", stroke="#444", stroke_width=0.6))
     bar = _Panel(bar_x, bar_top, bar_w, bar_h, (0.0, 1.0), (-vlim, vlim))
-    for value in _ticks(-vlim, vlim, 6):
+    ticks = _ticks(-vlim, vlim, 6)
+    for value, label in zip(ticks, _tick_labels(ticks)):
         y = bar.y(value)
         parts += [_line(bar_x + bar_w, y, bar_x + bar_w + 4, y, "#444"),
-                  _text(bar_x + bar_w + 7, y + 3.5, _tick_label(value, _ticks(-vlim, vlim, 6)), 10)]
+                  _text(bar_x + bar_w + 7, y + 3.5, label, 10)]
     parts.append(_rotated(bar_x + bar_w + 48, bar_top + bar_h / 2, "z", 12, "middle"))
     return _svg(bar_x + bar_w + 60, top - row_gap + 24, "deviation map slices", parts)
