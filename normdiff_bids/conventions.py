@@ -9,7 +9,8 @@ import re
 
 from normdiff_bids.errors import InputError
 
-__all__ = ["ID_COLUMNS", "NON_IDP_COLUMNS", "ROW_ID_COLUMNS", "SEX_ALIASES", "clean_label", "preview"]
+__all__ = ["ID_COLUMNS", "NON_IDP_COLUMNS", "ROW_ID_COLUMNS", "SEX_ALIASES", "clean_label", "clean_labels",
+           "preview"]
 
 #: Columns that identify a subject/session row of an IDP or covariate table.
 ID_COLUMNS: tuple[str, ...] = ("participant_id", "session_id")
@@ -50,3 +51,15 @@ def clean_label(value: object, entity: str = "sub") -> str:
             f"{entity} label {str(value)!r} is not a valid BIDS label; labels hold letters and digits only "
             f"(for example '{entity}-01' or '01'), without '-', '_', '/', '.' or spaces")
     return text
+
+
+def clean_labels(values, entity: str = "sub") -> tuple[list[str], list[str]]:
+    """The bare labels of ``values`` (:func:`clean_label` of each; repeats dropped, order kept) and the
+    problem of every value that is not a BIDS label."""
+    labels, problems = [], []
+    for value in values:
+        try:
+            labels.append(clean_label(value, entity))
+        except InputError as exc:
+            problems.extend(exc.problems)
+    return list(dict.fromkeys(labels)), problems

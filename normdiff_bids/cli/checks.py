@@ -9,7 +9,7 @@ from pathlib import Path
 from normdiff_bids.cli.execution import n_cores, plugin_settings
 from normdiff_bids.cli.plan import Plan, say
 from normdiff_bids.cli.validation import finish_validation, start_validation, stop_validation
-from normdiff_bids.conventions import preview
+from normdiff_bids.conventions import clean_labels, preview
 from normdiff_bids.covariate_spec import CovariateSpecs
 from normdiff_bids.errors import InputError, NormdiffError, OutputError, ProblemCollector
 
@@ -20,7 +20,7 @@ def check_inputs(opts, levels) -> Plan:
         raise InputError("--reports-only re-writes the participant level's reports; run it with "
                          "'participant' alone (the group level writes its report when it runs)")
     from normdiff_bids.outputs.dataset import check_output_dir
-    from normdiff_bids.outputs.names import clean_label, model_dir
+    from normdiff_bids.outputs.names import model_dir
 
     bids_dir = opts.bids_dir.expanduser().absolute()
     if not bids_dir.is_dir():
@@ -31,8 +31,8 @@ def check_inputs(opts, levels) -> Plan:
     output_dir = check_output_dir(opts.output_dir, bids_dir)
 
     problems = ProblemCollector()
-    participant_label = _labels(opts.participant_label, "sub", clean_label, problems)
-    session_label = _labels(opts.session_label, "ses", clean_label, problems)
+    participant_label = _labels(opts.participant_label, "sub", problems)
+    session_label = _labels(opts.session_label, "ses", problems)
     fs_dir = None
     if opts.fs_dir is not None:
         fs_dir = opts.fs_dir.expanduser().absolute()
@@ -223,16 +223,13 @@ def check_device(device: str) -> None:
                          f"cuda:{count - 1}; choose one of them, or --device auto")
 
 
-def _labels(values, entity, clean_label, problems) -> list[str] | None:
+def _labels(values, entity, problems) -> list[str] | None:
     if not values:
         return None
-    labels = []
-    for value in values:
-        try:
-            labels.append(clean_label(value, entity))
-        except InputError as exc:
-            problems.add(f"--{'participant' if entity == 'sub' else 'session'}-label: {exc}")
-    return sorted(set(labels))
+    labels, bad = clean_labels(values, entity)
+    for problem in bad:
+        problems.add(f"--{'participant' if entity == 'sub' else 'session'}-label: {problem}")
+    return sorted(labels)
 
 
 def _collect(plan: Plan, idp_set):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normdiff_bids.conventions import clean_label, preview
+from normdiff_bids.conventions import clean_labels, preview
 from normdiff_bids.covariate_spec import CovariateSpecs
 from normdiff_bids.data.atlases import (
     ASEG_LABELS,
@@ -302,13 +302,9 @@ def _labels(values, entity: str, problems: ProblemCollector) -> list[str] | None
     values = [values] if isinstance(values, str) else list(values)
     if not values:
         return None
-    out = []
-    for value in values:
-        try:
-            out.append(clean_label(value, entity))
-        except InputError as exc:
-            problems.extend(exc.problems)
-    return list(dict.fromkeys(out))
+    labels, bad = clean_labels(values, entity)
+    problems.extend(bad)
+    return labels
 
 
 def _covariate_spec(covariates, age_column: str, sex_column: str, site_column: str | None) -> CovariateSpecs:
