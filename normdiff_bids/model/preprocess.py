@@ -1,5 +1,5 @@
-"""IDP preprocessing before diffusion: per-IDP z-scoring (default), z-scoring of the log of positive
-IDPs, or a quantile-normal transform.
+"""IDP preprocessing before diffusion: per-IDP z-scoring (the scaler's default), z-scoring of the log of
+positive IDPs (the estimator's default), or a quantile-normal transform.
 
 All maps are strictly increasing per IDP, so a centile computed in the transformed space equals the
 centile in original units; the state is a plain dict stored in the model bundle.
