@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from normdiff_bids.scoring.conformal import CentileCalibration, ProbitMap
+from normdiff_bids.scoring.conformal import CentileCalibration, ProbitMap, shrunk_maps
 
 
 def _ks(u):
@@ -37,18 +37,60 @@ def test_too_few_controls_leave_the_model_as_it_is():
     assert ProbitMap.fit(np.array([0.1, 0.5, 0.9])).is_identity
 
 
-def test_layer_uses_site_maps_where_there_are_enough_controls_and_round_trips():
+def _probit_median(mapping, u):
+    return float(np.median(stats.norm.ppf(mapping.transform(u))))
+
+
+def test_shrunk_maps_correct_only_the_idps_that_are_off_beyond_chance():
     rng = np.random.default_rng(2)
+    z = rng.standard_normal((1000, 20))
+    z[:, :3] = 0.35 + 1.2 * z[:, :3]          # three IDPs the model gets wrong: shifted and too narrow
+    maps = shrunk_maps(stats.norm.cdf(z))
+    new = rng.standard_normal((4000, 20))
+    new[:, :3] = 0.35 + 1.2 * new[:, :3]
+    for j in range(3):                        # corrected most of the way (median 0.35 -> near 0)
+        fixed = maps[j].transform(stats.norm.cdf(new[:, j]))
+        assert abs(float(np.median(stats.norm.ppf(fixed)))) < 0.12
+        assert _ks(fixed) < 0.5 * _ks(stats.norm.cdf(new[:, j]))
+
+
+def test_shrunk_maps_of_idps_that_differ_only_by_chance_barely_move_them():
+    rng = np.random.default_rng(3)
+    maps = shrunk_maps(rng.uniform(size=(700, 11)))
+    # each column's median is off by chance (SD 0.047 in probit units); unshrunk maps would move the
+    # medians by as much (the largest of 11 by about 0.08)
+    u = np.full(1, 0.5)
+    assert max(abs(_probit_median(m, u)) for m in maps) < 0.03
+    # too few values for a column: identity, whatever they show
+    few = shrunk_maps(stats.norm.cdf(1.0 + rng.standard_normal((10, 4))))
+    assert all(m.is_identity for m in few)
+
+
+def test_layer_applies_pooled_then_own_maps_round_trips_and_reads_site_maps_of_earlier_bundles():
+    rng = np.random.default_rng(4)
     sites = np.repeat([0, 1], [400, 5])
-    z = rng.standard_normal((405, 3))
-    z[sites == 0] *= 1.4                        # site 0: the model is too narrow there
+    z = 1.3 * rng.standard_normal((405, 4))   # every IDP too narrow: the pooled map
+    z[:, 0] += 0.5                            # one IDP also shifted: its own correction
     cal = CentileCalibration.fit(stats.norm.cdf(z), sites, stats.norm.cdf(rng.standard_normal(405)))
-    assert sorted(cal.sites) == [0]
-    again = CentileCalibration.from_dict(cal.to_dict())
-    u = rng.uniform(size=(10, 3))
+    assert not cal.pooled.is_identity and cal.sites == {}
+    assert cal.summary(["a", "b", "c", "d"])["idps_with_own_correction"][0] == "a"
+    u = rng.uniform(size=(10, 4))
     codes = np.array([0, 1] * 5)
+    again = CentileCalibration.from_dict(cal.to_dict())
     np.testing.assert_array_equal(cal.transform(u, codes), again.transform(u, codes))
     np.testing.assert_allclose(cal.inverse(cal.transform(u, codes), codes), u, atol=1e-10)
+    with pytest.raises(ValueError, match="maps for 4 IDPs"):
+        cal.transform(u[:, :3], codes)
+    # an earlier bundle: a site map of its own replaces the pooled map at that site
+    old = cal.to_dict()
+    old.pop("idps")
+    old["sites"] = {"0": ProbitMap(np.array([-2.0, 2.0]), np.array([-1.0, 1.0])).to_dict()}
+    layer = CentileCalibration.from_dict(old)
+    half = np.full((2, 4), stats.norm.cdf(1.0))
+    out = layer.transform(half, np.array([0, 1]))
+    np.testing.assert_allclose(out[0], stats.norm.cdf(0.5))
+    np.testing.assert_allclose(out[1], cal.pooled.transform(half[1]))
+    assert layer.summary()["sites_with_own_map"] == [0]
 
 
 def test_a_biased_map_is_corrected_by_enough_unseen_values():

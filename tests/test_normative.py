@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -17,6 +18,7 @@ from normdiff_bids.data.synthetic import SyntheticCohort
 from normdiff_bids.errors import InputError
 from normdiff_bids.model.bundle import BundleError
 from normdiff_bids.model.normative import _POINT_CACHE
+from normdiff_bids.scoring.conformal import ProbitMap
 from normdiff_bids.scoring.joint import joint_deviation, model_shrinkage
 
 TINY = {"hidden": 32, "n_blocks": 2, "time_embed_dim": 16}
@@ -85,6 +87,29 @@ def test_prediction_shapes_and_ranges(model, test, cohort):
     assert ((centiles > 0) & (centiles < 1)).all().all()
     z = model.predict_zscores(test)
     np.testing.assert_allclose(z.to_numpy(), ndtri(centiles.to_numpy()))
+
+
+def test_quantiles_and_centiles_invert_each_other_under_per_idp_corrections(model, test):
+    # a layer whose IDPs each have a correction of their own (a shift in probit units)
+    shifted = copy.deepcopy(model)
+    layer = shifted.calibration_
+    layer.idps = [ProbitMap(np.array([-6.0, 6.0]) + s, np.array([-6.0, 6.0])) for s in (0.3, -0.2, 0.0)]
+    levels = [0.1, 0.5, 0.9]
+    q = shifted.predict_quantiles(test, levels)
+    for level in levels:
+        values = test.copy()
+        for idp in shifted.idps_:
+            values[idp] = q[(idp, level)].to_numpy()
+        back = shifted.predict_centiles(values)
+        np.testing.assert_allclose(back.to_numpy(), level, atol=0.03)
+    # the corrections move the quantiles: the first IDP's up, the second's down, the third's not at all
+    none = copy.deepcopy(model)
+    none.calibration_.idps = []
+    plain = none.predict_quantiles(test, levels)
+    first, second, third = shifted.idps_
+    assert (q[(first, 0.5)] > plain[(first, 0.5)]).all()
+    assert (q[(second, 0.5)] < plain[(second, 0.5)]).all()
+    np.testing.assert_allclose(q[(third, 0.5)], plain[(third, 0.5)])
 
 
 def test_score_is_tidy_with_joint_deviation(model, test, cohort):

@@ -59,8 +59,9 @@ class _PersistenceMixin:
                 "site_effects": "partially pooled (empirical-Bayes random effects in location and spread)",
                 "network_covariates": self._model_space().network_schema().names}),
             "calibration": (None if self.calibration_ is None else {
-                "method": "split-conformal maps from cross-fitted reference controls",
-                "applied": self.calibration == "conformal", **self.calibration_.summary()}),
+                "method": "split-conformal maps from cross-fitted reference controls (pooled over IDPs, "
+                          "then each IDP's own correction shrunk by empirical Bayes)",
+                "applied": self.calibration == "conformal", **self.calibration_.summary(self.idps_)}),
             "adaptations": list(self.adaptations_),
             "training_data": dict(getattr(self, "training_data_", {})),
             "joint_deviation": {"statistic": "Mahalanobis length of the normal scores, centile among the "

@@ -158,13 +158,15 @@ class _PredictionMixin:
         cont, cat, missing, _ = self._encode(covariates)
         space, layer = self._model_space(), self._calibrated()
         sites = space.site_codes(cat)
+        levels = np.broadcast_to(q[:, None], (len(q), self.n_features_in_))
         with small_blas():
             for rows, srt, _ in self._scored_points(cont, cat, missing, with_joint=False):
                 for code in np.unique(sites[rows]):
                     sub = sites[rows] == code
-                    q_model = q if layer is None else layer.inverse(q[None, :], np.array([code]))[0]
+                    # each IDP's model centiles whose calibrated centiles are q: [Q, D]
+                    q_model = levels if layer is None else layer.inverse(levels[None], np.array([code]))[0]
                     target = rows[sub]
-                    model_q = sample_quantiles(srt[sub], q_model)          # [r, Q, D]
+                    model_q = _quantiles_per_idp(srt[sub], q_model)          # [r, Q, D]
                     out[target] = space.from_model(model_q, cont[target], cat[target])
         columns = pd.MultiIndex.from_product([self.idps_, q.tolist()], names=["idp", "q"])
         return pd.DataFrame(out.transpose(0, 2, 1).reshape(len(covariates), -1), index=covariates.index,
@@ -329,3 +331,13 @@ class _PredictionMixin:
                            cond_given_missing=np.repeat(a["cond_given_missing"], d))
         return pd.DataFrame(columns)
 
+
+def _quantiles_per_idp(samples: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """:func:`sample_quantiles` of ``samples [R, S, D]`` at levels of each IDP's own, ``levels [Q, D]``:
+    ``[R, Q, D]`` (IDPs that share their levels are done together)."""
+    out = np.empty((samples.shape[0], levels.shape[0], samples.shape[2]))
+    columns, groups = np.unique(levels, axis=1, return_inverse=True)
+    for g in range(columns.shape[1]):
+        idx = np.flatnonzero(groups.reshape(-1) == g)
+        out[:, :, idx] = sample_quantiles(samples[:, :, idx], columns[:, g])
+    return out

@@ -13,21 +13,25 @@ give a near-affine correction and thousands a free-form one. Applied to held-out
 split-conformal recalibration of the empirical CDF, smoothed.
 
 :class:`CentileCalibration` holds the maps a model uses: one for the per-IDP centiles pooled over IDPs,
-one per site with enough held-out controls, and one for the joint deviation's centile. It is stored in
-the model bundle as plain numbers.
+then a correction of each IDP's own (:func:`shrunk_maps`), and one map for the joint deviation's
+centile. Each IDP's correction is measured at a few central levels and shrunk towards none by empirical
+Bayes over the IDPs: where the IDPs' held-out quantiles scatter around the pooled ones no more than
+their sampling error, every correction is nil; where the model gets some IDPs' shapes wrong, those are
+corrected in proportion to how far beyond chance they lie. It is stored in the model bundle as plain
+numbers. (Bundles of earlier versions may also hold per-site maps, which replace the pooled map for
+their site; they are applied as they were learnt.)
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy.special import ndtr, ndtri
+from scipy.stats import norm
 
 from normdiff_bids.scoring.centiles import CENTILE_FLOOR
 
-__all__ = ["CentileCalibration", "ProbitMap", "MIN_SITE_CONTROLS"]
+__all__ = ["CentileCalibration", "ProbitMap", "shrunk_maps"]
 
-#: Held-out controls a site needs for a map of its own (fewer: the pooled map serves it).
-MIN_SITE_CONTROLS = 50
 #: Held-out values per knot of a map, and the knot count's bounds.
 VALUES_PER_KNOT = 25
 MAX_KNOTS = 99
@@ -37,6 +41,11 @@ MIN_VALUES = 20
 #: cohorts 20 unseen controls corrected by noise (held-out joint KS 0.08 -> 0.14 at N=200), 50 and 100
 #: corrected real bias (0.17 -> 0.05 at N=500, D=100; 0.07 -> 0.04 at N=1000, D=20).
 MIN_CHECK_VALUES = 40
+#: Probability levels at which each IDP's own correction is measured (:func:`shrunk_maps`); beyond the
+#: outer ones the correction stays the outer shift (the pooled map has set the tails' slope).
+IDP_LEVELS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+#: Probit of the knots that carry the outer shifts out to the tails (slope 1 beyond the levels).
+_OUTER_Z = 6.0
 
 
 class ProbitMap:
@@ -129,52 +138,103 @@ class ProbitMap:
         return cls(x, y)
 
 
+def shrunk_maps(centiles: np.ndarray, levels=IDP_LEVELS) -> list[ProbitMap]:
+    """One map per column of held-out ``centiles [n, D]``: the shift of the column's probit quantiles at
+    ``levels`` from the normal ones, shrunk towards 0 by empirical Bayes over the columns.
+
+    At level ``p`` a column's quantile of ``n`` values has sampling variance ``s2 = p (1 - p) / (n
+    phi(t)^2)`` (``t = Phi^-1(p)``); the columns' true shifts are taken to scatter with variance
+    ``tau2``, estimated as the mean squared shift less the mean ``s2`` (at least 0), and each shift is
+    multiplied by ``tau2 / (tau2 + s2)``. So shifts no larger than chance give identity maps, and a
+    column with few values is corrected less than one with many. A column with fewer than
+    :data:`MIN_VALUES` values gets the identity.
+    """
+    u = np.asarray(centiles, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.float64)
+    t = ndtri(levels)
+    z = ndtri(np.clip(u, CENTILE_FLOOR, 1 - CENTILE_FLOOR))
+    n = np.isfinite(z).sum(axis=0)
+    used = n >= MIN_VALUES
+    if not used.any():
+        return [ProbitMap() for _ in range(u.shape[1])]
+    shift = np.zeros((u.shape[1], len(levels)))
+    for j in np.flatnonzero(used):
+        shift[j] = np.quantile(z[np.isfinite(z[:, j]), j], levels) - t
+    s2 = levels * (1 - levels) / (np.maximum(n, 1)[:, None] * norm.pdf(t) ** 2)
+    tau2 = np.maximum(0.0, np.mean(shift[used] ** 2, axis=0) - np.mean(s2[used], axis=0))
+    shift = np.where(used[:, None], shift * tau2 / (tau2 + s2), 0.0)
+    maps = []
+    for d in shift:
+        x = np.concatenate([[-_OUTER_Z + d[0]], t + d, [_OUTER_Z + d[-1]]])
+        y = np.concatenate([[-_OUTER_Z], t, [_OUTER_Z]])
+        maps.append(ProbitMap(x, y) if np.any(d != 0) and np.all(np.diff(x) > 0) else ProbitMap())
+    return maps
+
+
 class CentileCalibration:
-    """The calibration layer of a model: per-IDP centile maps (pooled, or per site) and a joint map.
+    """The calibration layer of a model: a pooled centile map, each IDP's shrunk correction after it, and
+    a joint map.
 
     >>> cal = CentileCalibration.fit(u_heldout [n, D], site_codes [n], joint_u_heldout [n])
     >>> u_cal = cal.transform(u [R, D], site_codes [R]); j_cal = cal.transform_joint(j [R])
+
+    ``sites`` holds per-site maps of bundles from earlier versions (each replaces the pooled map for its
+    site); :meth:`fit` learns none: on every cohort measured the sites' held-out quantiles scattered no
+    more than chance around the pooled ones once the location-scale stage had its site effects, and maps
+    of their own made the per-site calibration worse on real data (``docs/method.md``, section 3b).
     """
 
     def __init__(self, pooled: ProbitMap, sites: dict[int, ProbitMap], joint: ProbitMap, n_controls: int,
-                 site_controls: dict[int, int] | None = None):
+                 site_controls: dict[int, int] | None = None, idps: list[ProbitMap] | None = None):
         self.pooled = pooled
         self.sites = dict(sites)
         self.joint = joint
         self.n_controls = int(n_controls)
         self.site_controls = dict(site_controls or {})
+        self.idps = list(idps or [])
 
     @classmethod
     def fit(cls, centiles: np.ndarray, sites: np.ndarray, joint_centiles: np.ndarray | None = None,
-            min_site_controls: int = MIN_SITE_CONTROLS,
             joint_unseen: np.ndarray | None = None) -> CentileCalibration:
-        """Maps from held-out ``centiles [n, D]`` of controls at ``sites [n]`` and their joint centiles;
-        ``joint_unseen``: joint centiles of controls no part of the model has seen, which check (and
-        correct) the joint map (:meth:`ProbitMap.corrected`)."""
+        """Maps from held-out ``centiles [n, D]`` of controls at ``sites [n]`` (counted for the model
+        card) and their joint centiles; ``joint_unseen``: joint centiles of controls no part of the model
+        has seen, which check (and correct) the joint map (:meth:`ProbitMap.corrected`)."""
         centiles = np.asarray(centiles, dtype=np.float64)
         sites = np.asarray(sites, dtype=np.int64).reshape(-1)
         counts = {int(s): int((sites == s).sum()) for s in np.unique(sites)}
-        own = {s: ProbitMap.fit(centiles[sites == s]) for s, n in counts.items()
-               if n >= min_site_controls and s >= 0}
+        pooled = ProbitMap.fit(centiles)
+        idps = shrunk_maps(pooled.transform(centiles))
         joint = ProbitMap.fit(joint_centiles) if joint_centiles is not None else ProbitMap()
         if joint_unseen is not None:
             joint = joint.corrected(joint_unseen)
-        return cls(ProbitMap.fit(centiles), own, joint, len(centiles), counts)
+        return cls(pooled, {}, joint, len(centiles), counts, idps)
 
     def _map_rows(self, sites: np.ndarray):
         sites = np.asarray(sites, dtype=np.int64).reshape(-1)
         for code in np.unique(sites):
             yield sites == code, self.sites.get(int(code), self.pooled)
 
+    def _own_maps(self, centiles: np.ndarray):
+        """``(column, map)`` of every IDP with a correction of its own; the IDPs are the last axis."""
+        if self.idps and centiles.shape[-1] != len(self.idps):
+            raise ValueError(f"the calibration layer has maps for {len(self.idps)} IDPs, got centiles of "
+                             f"{centiles.shape[-1]}")
+        return [(j, m) for j, m in enumerate(self.idps) if not m.is_identity]
+
     def transform(self, centiles: np.ndarray, sites: np.ndarray) -> np.ndarray:
+        """Calibrated ``centiles [R, ..., D]`` of rows at ``sites [R]``."""
         out = np.array(centiles, dtype=np.float64)
         for rows, mapping in self._map_rows(sites):
             out[rows] = mapping.transform(out[rows])
+        for j, mapping in self._own_maps(out):
+            out[..., j] = mapping.transform(out[..., j])
         return out
 
     def inverse(self, centiles: np.ndarray, sites: np.ndarray) -> np.ndarray:
-        """Model centiles of the calibrated ``centiles [R, ...]`` of each row."""
+        """Model centiles of the calibrated ``centiles [R, ..., D]`` of each row."""
         out = np.array(centiles, dtype=np.float64)
+        for j, mapping in self._own_maps(out):
+            out[..., j] = mapping.inverse(out[..., j])
         for rows, mapping in self._map_rows(sites):
             out[rows] = mapping.inverse(out[rows])
         return out
@@ -186,16 +246,25 @@ class CentileCalibration:
         return {"n_controls": self.n_controls,
                 "site_controls": {str(k): v for k, v in self.site_controls.items()},
                 "pooled": self.pooled.to_dict(), "joint": self.joint.to_dict(),
-                "sites": {str(k): m.to_dict() for k, m in self.sites.items()}}
+                "sites": {str(k): m.to_dict() for k, m in self.sites.items()},
+                "idps": [m.to_dict() for m in self.idps]}
 
     @classmethod
     def from_dict(cls, data: dict) -> CentileCalibration:
         return cls(ProbitMap.from_dict(data["pooled"]),
                    {int(k): ProbitMap.from_dict(m) for k, m in data["sites"].items()},
                    ProbitMap.from_dict(data["joint"]), int(data["n_controls"]),
-                   {int(k): int(v) for k, v in data.get("site_controls", {}).items()})
+                   {int(k): int(v) for k, v in data.get("site_controls", {}).items()},
+                   [ProbitMap.from_dict(m) for m in data.get("idps", [])])
 
-    def summary(self) -> dict:
-        """What the model card shows: how many controls calibrated it, and which sites have own maps."""
-        return {"n_controls": self.n_controls, "sites_with_own_map": sorted(self.sites),
-                "pooled_is_identity": self.pooled.is_identity, "joint_is_identity": self.joint.is_identity}
+    def summary(self, idp_names: list[str] | None = None) -> dict:
+        """What the model card shows: how many controls calibrated it, and which maps are not the
+        identity (IDPs by name, or column index without ``idp_names``; sites only for bundles of earlier
+        versions that have them)."""
+        own = [j for j, m in enumerate(self.idps) if not m.is_identity]
+        out = {"n_controls": self.n_controls,
+               "idps_with_own_correction": [idp_names[j] for j in own] if idp_names else own,
+               "pooled_is_identity": self.pooled.is_identity, "joint_is_identity": self.joint.is_identity}
+        if self.sites:
+            out["sites_with_own_map"] = sorted(self.sites)
+        return out
