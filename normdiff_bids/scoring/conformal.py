@@ -46,6 +46,8 @@ MIN_CHECK_VALUES = 40
 IDP_LEVELS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 #: Probit of the knots that carry the outer shifts out to the tails (slope 1 beyond the levels).
 _OUTER_Z = 6.0
+#: An IDP's own correction the model card names: a shift above this many probit units at some level.
+NOTABLE_SHIFT = 0.05
 
 
 class ProbitMap:
@@ -258,12 +260,18 @@ class CentileCalibration:
                    [ProbitMap.from_dict(m) for m in data.get("idps", [])])
 
     def summary(self, idp_names: list[str] | None = None) -> dict:
-        """What the model card shows: how many controls calibrated it, and which maps are not the
-        identity (IDPs by name, or column index without ``idp_names``; sites only for bundles of earlier
-        versions that have them)."""
-        own = [j for j, m in enumerate(self.idps) if not m.is_identity]
+        """What the model card shows: how many controls calibrated it, which maps are not the identity,
+        and the IDPs whose own correction is largest (by name, or column index without ``idp_names``):
+        ``idp_corrections`` counts those moved by more than :data:`NOTABLE_SHIFT` in probit units at
+        some level and gives up to five, largest first, with that shift (sites only for bundles of
+        earlier versions that have them)."""
+        names = idp_names if idp_names else list(range(len(self.idps)))
+        shifts = [float(np.max(np.abs(m.x - m.y))) if not m.is_identity else 0.0 for m in self.idps]
+        notable = sorted((j for j, v in enumerate(shifts) if v > NOTABLE_SHIFT), key=lambda j: -shifts[j])
         out = {"n_controls": self.n_controls,
-               "idps_with_own_correction": [idp_names[j] for j in own] if idp_names else own,
+               "idp_corrections": {"n_idps": len(notable),
+                                   "largest_shift_z": {str(names[j]): round(shifts[j], 3)
+                                                       for j in notable[:5]}},
                "pooled_is_identity": self.pooled.is_identity, "joint_is_identity": self.joint.is_identity}
         if self.sites:
             out["sites_with_own_map"] = sorted(self.sites)
