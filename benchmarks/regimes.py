@@ -22,6 +22,8 @@ score seconds.
     python benchmarks/regimes.py --quick                 # N=500, D=100 and N=200, D=20 (~10 min)
     python benchmarks/regimes.py                         # the whole grid (hours on 2 cores)
     python benchmarks/regimes.py --cells 500x100 --real ../shared/reference/fcon1000/fcon1000.csv
+    python benchmarks/regimes.py --cells --real fcon1000.csv --idp-sets small --split-seeds 0 1 2 3 \
+        --methods ours,pcn-blr-shash                     # four splits and their mean (one split is noisy)
 """
 
 from __future__ import annotations
@@ -176,6 +178,27 @@ COLUMNS = ["|c-truth|", "|cov95-.95|", "PIT-KS", "worst site", "joint KS", ">.95
            "score s"]
 
 
+def split_means(results, splits) -> list:
+    """One entry per real IDP set: each method's metrics averaged over the splits ``splits``."""
+    groups: dict[str, list] = {}
+    for data, rows, _ in results:
+        base, sep, _ = data.name.rpartition(", split ")
+        if sep and data.truth is None:
+            groups.setdefault(base, []).append(rows)
+    out = []
+    for base, runs in groups.items():
+        means = []
+        for name, _ in runs[0]:
+            found = [dict(rows)[name] for rows in runs
+                     if name in dict(rows) and "note" not in dict(rows)[name]]
+            if found:
+                means.append((name, {col: float(np.mean([r[col] for r in found])) for col in COLUMNS
+                                     if all(r.get(col) is not None for r in found)}))
+        label = f"{base}, mean of splits {', '.join(map(str, splits))}"
+        out.append((peers.Dataset(label, None, None, []), means, float("nan")))
+    return out
+
+
 def format_table(results: list[tuple[Dataset, list[tuple[str, dict]], float]]) -> str:
     lines = ["| cohort | method | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for data, rows, floor in results:
@@ -203,6 +226,9 @@ def parse_args(argv=None):
     p.add_argument("--cells", nargs="*", default=None, help="NxD cells, e.g. 500x100 1000x20")
     p.add_argument("--real", type=Path, default=None, help="fcon1000.csv: add the real-data rows")
     p.add_argument("--idp-sets", nargs="*", default=["small", "full"])
+    p.add_argument("--split-seeds", nargs="+", type=int, default=None,
+                   help="real data: the 70/30 splits to run (default: --seed); with several, each "
+                        "split's rows and then their mean (the model's seed stays --seed)")
     p.add_argument("--methods", default="ours,gauss-spline,pcn-blr,pcn-blr-shash,oracle",
                    help="comma list of ours, legacy, gauss-spline, pcn-blr, pcn-blr-shash, oracle")
     p.add_argument("--n-samples", type=int, default=1000, help="our draws per covariate point")
@@ -224,8 +250,14 @@ def main(argv=None) -> int:
     cells = ([tuple(int(v) for v in c.split("x")) for c in args.cells] if args.cells is not None
              else QUICK if args.quick else GRID)
     datasets = [synthetic(n, d, args.seed) for n, d in cells]
+    splits = args.split_seeds or [args.seed]
     if args.real is not None:
-        datasets += [(peers.real_dataset(args.real, s, args.seed), None) for s in args.idp_sets]
+        for idp_set in args.idp_sets:
+            for split in splits:
+                data = peers.real_dataset(args.real, idp_set, split)
+                if len(splits) > 1:
+                    data.name = f"{data.name}, split {split}"
+                datasets.append((data, None))
     results = []
     for data, gen in datasets:
         print(f"# {data.name}: " + "; ".join(data.notes), file=sys.stderr, flush=True)
@@ -244,6 +276,8 @@ def main(argv=None) -> int:
         for name, row in rows:
             print(f"  {name}: {row}", file=sys.stderr, flush=True)
         results.append((data, rows, mc_floor(args.n_samples)))
+    if len(splits) > 1:
+        results += split_means(results, splits)
     print(format_table(results))
     return 0
 
