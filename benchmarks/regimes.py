@@ -188,9 +188,9 @@ def split_means(results, splits) -> list:
     out = []
     for base, runs in groups.items():
         means = []
+        by_name = [dict(rows) for rows in runs]
         for name, _ in runs[0]:
-            found = [dict(rows)[name] for rows in runs
-                     if name in dict(rows) and "note" not in dict(rows)[name]]
+            found = [rows[name] for rows in by_name if name in rows and "note" not in rows[name]]
             if found:
                 means.append((name, {col: float(np.mean([r[col] for r in found])) for col in COLUMNS
                                      if all(r.get(col) is not None for r in found)}))

@@ -159,14 +159,15 @@ class _PredictionMixin:
         space, layer = self._model_space(), self._calibrated()
         sites = space.site_codes(cat)
         levels = np.broadcast_to(q[:, None], (len(q), self.n_features_in_))
+        # each site's model centiles, per IDP, whose calibrated centiles are q: [Q, D] (once per site)
+        model_levels = {int(code): levels if layer is None
+                        else layer.inverse(levels[None], np.array([code]))[0] for code in np.unique(sites)}
         with small_blas():
             for rows, srt, _ in self._scored_points(cont, cat, missing, with_joint=False):
                 for code in np.unique(sites[rows]):
                     sub = sites[rows] == code
-                    # each IDP's model centiles whose calibrated centiles are q: [Q, D]
-                    q_model = levels if layer is None else layer.inverse(levels[None], np.array([code]))[0]
                     target = rows[sub]
-                    model_q = _quantiles_per_idp(srt[sub], q_model)          # [r, Q, D]
+                    model_q = _quantiles_per_idp(srt[sub], model_levels[int(code)])  # [r, Q, D]
                     out[target] = space.from_model(model_q, cont[target], cat[target])
         columns = pd.MultiIndex.from_product([self.idps_, q.tolist()], names=["idp", "q"])
         return pd.DataFrame(out.transpose(0, 2, 1).reshape(len(covariates), -1), index=covariates.index,
