@@ -166,6 +166,18 @@ def test_leave_one_out_normal_scores_are_standard_normal_like():
     assert np.abs(z.mean(axis=1)).max() < 0.02 and np.abs(z.std(axis=1) - 1).max() < 0.05
 
 
+def test_leave_one_out_normal_scores_give_tied_samples_their_average_rank():
+    samples = np.random.default_rng(8).integers(0, 6, size=(2, 50, 3)).astype(float)  # many ties
+    z = normal_scores_loo(samples)
+    ranks = stats.rankdata(samples, axis=1, method="average")
+    inner = (samples > samples.min(axis=1, keepdims=True)) & (samples < samples.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(z[inner], ndtri((ranks[inner] - 0.5) / 50), rtol=0, atol=1e-12)
+    for row in range(2):  # tied samples share one score
+        for d in range(3):
+            for value in np.unique(samples[row, :, d]):
+                assert np.ptp(z[row, samples[row, :, d] == value, d]) == 0
+
+
 def _correlated(rng, rows, n, d, rho=0.6):
     cov = rho * np.ones((d, d)) + (1 - rho) * np.eye(d)
     chol = np.linalg.cholesky(cov)

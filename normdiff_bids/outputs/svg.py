@@ -17,13 +17,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from markupsafe import Markup, escape
-from scipy.stats import norm
 
 from normdiff_bids.outputs.flags import BLUE as _BLUE
 from normdiff_bids.outputs.flags import GREY as _GREY
 from normdiff_bids.outputs.flags import MEASURE_ORDER as _MEASURE_ORDER
 from normdiff_bids.outputs.flags import Z_FLAG, Z_STRONG, flag_colour
 from normdiff_bids.outputs.flags import short_name as _short
+from normdiff_bids.scoring.centiles import normal_pdf
 
 __all__ = ["centile_curves", "deviation_profile", "joint_deviation", "map_slices"]
 
@@ -297,7 +297,7 @@ def joint_deviation(joint_z: float, cohort_joint_z: Sequence[float] | None = Non
     values = values[np.isfinite(values)]
     if values.size:
         lim = max(lim, min(float(np.abs(values).max()) + 0.5, 9.0))
-    density_max, hist = float(norm.pdf(0)), None
+    density_max, hist = float(normal_pdf(0)), None
     if values.size >= 20:
         bins = int(np.clip(np.sqrt(values.size), 10, 40))
         hist = np.histogram(np.clip(values, -lim, lim), bins=bins, range=(-lim, lim), density=True)
@@ -305,7 +305,7 @@ def joint_deviation(joint_z: float, cohort_joint_z: Sequence[float] | None = Non
     panel = _Panel(20.0, 12.0, width - 36.0, height - 56.0, (-lim, lim), (0.0, max(0.5, 1.05 * density_max)))
     parts = _axes(panel, _ticks(-lim, lim, 9), [], 10, grid="x")
     x = np.linspace(-lim, lim, 200)
-    xs, ys = panel.x(x), panel.y(norm.pdf(x))
+    xs, ys = panel.x(x), panel.y(normal_pdf(x))
     parts.append(_el("polygon", points=_points(np.r_[xs, panel.right, panel.left],
                                                np.r_[ys, panel.bottom, panel.bottom]), fill="#dfe8f2"))
     legend = [(_BLUE, "reference N(0, 1)")]

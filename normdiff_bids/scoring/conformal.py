@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import ndtr, ndtri
-from scipy.stats import norm
 
-from normdiff_bids.scoring.centiles import CENTILE_FLOOR
+from normdiff_bids.scoring.centiles import CENTILE_FLOOR, normal_pdf
 
 __all__ = ["CentileCalibration", "ProbitMap", "shrunk_maps"]
 
@@ -162,7 +161,7 @@ def shrunk_maps(centiles: np.ndarray, levels=IDP_LEVELS) -> list[ProbitMap]:
     shift = np.zeros((u.shape[1], len(levels)))
     for j in np.flatnonzero(used):
         shift[j] = np.quantile(z[np.isfinite(z[:, j]), j], levels) - t
-    s2 = levels * (1 - levels) / (np.maximum(n, 1)[:, None] * norm.pdf(t) ** 2)
+    s2 = levels * (1 - levels) / (np.maximum(n, 1)[:, None] * normal_pdf(t) ** 2)
     tau2 = np.maximum(0.0, np.mean(shift[used] ** 2, axis=0) - np.mean(s2[used], axis=0))
     shift = np.where(used[:, None], shift * tau2 / (tau2 + s2), 0.0)
     maps = []

@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy.special import ndtri
-from scipy.stats import rankdata
 
 from normdiff_bids.scoring.centiles import CENTILE_FLOOR, centiles_to_z, empirical_centiles, tail_score
 
@@ -50,6 +49,20 @@ def model_shrinkage(n_features: int, n_train: int) -> float:
     return float(min(MAX_MODEL_SHRINKAGE, n_features / max(int(n_train), 1)))
 
 
+def _average_ranks(srt: np.ndarray) -> np.ndarray:
+    """1-based ranks of values sorted along the last axis, ties given their average rank (as
+    ``scipy.stats.rankdata(method="average")``, whose module is slow to import)."""
+    n = srt.shape[-1]
+    position = np.broadcast_to(np.arange(n), srt.shape)
+    starts = np.ones(srt.shape, dtype=bool)
+    starts[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    ends = np.ones(srt.shape, dtype=bool)
+    ends[..., :-1] = starts[..., 1:]
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=-1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, n - 1), axis=-1), axis=-1), axis=-1)
+    return (first + last) / 2 + 1
+
+
 def normal_scores_loo(samples: np.ndarray) -> np.ndarray:
     """Normal score of every sample among the other ``S - 1`` samples of its row: ``[R, S, D]``.
 
@@ -63,8 +76,7 @@ def normal_scores_loo(samples: np.ndarray) -> np.ndarray:
     order = np.argsort(x, axis=-1)
     srt = np.take_along_axis(x, order, axis=-1)
     if np.any(srt[..., 1:] == srt[..., :-1]):
-        ranks = rankdata(x, axis=-1, method="average")
-        zs = np.take_along_axis(ndtri((ranks - 0.5) / n), order, axis=-1)
+        zs = ndtri((_average_ranks(srt) - 0.5) / n)
     else:
         # ranks are a permutation of 1..S: the scores are one table, scattered back below
         zs = np.broadcast_to(ndtri((np.arange(1, n + 1) - 0.5) / n), x.shape).copy()
