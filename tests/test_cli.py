@@ -106,6 +106,24 @@ def test_a_participant_scored_alone_gets_its_group_scores(participant_out, group
     assert alone["joint_z"].iloc[0] == pytest.approx(group.loc["sub-001", "joint_z"], abs=1e-9)
 
 
+def test_a_participant_scored_from_the_table_imports_no_torch(bids, group_out, participant_out, tmp_path):
+    """The installed model scores from its draw table: the participant level never builds the network,
+    so it starts without torch (about 1.4 s) and writes what a run with the network writes."""
+    out = tmp_path / "normdiff"
+    shutil.copytree(group_out, out)
+    at = TINY_ARGS.index("--model-options")  # group-level options, checked against the networks' configs
+    argv = [str(bids), str(out), "participant", "--participant-label", "001", *TINY_ARGS[:at],
+            *TINY_ARGS[at + 2:], "--work-dir", str(tmp_path / "work")]
+    code = ("import sys\nfrom normdiff_bids.cli.run import main\n"
+            f"status = main({argv!r})\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(status)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CI": "true"})
+    assert done.returncode == 0, done.stderr
+    name = "sub-001/anat/sub-001_desc-deviations_scores.tsv"
+    pd.testing.assert_frame_equal(read_scores_table(out / name), read_scores_table(participant_out / name))
+
+
 @pytest.mark.slow
 def test_participant_level_leaves_the_group_outputs_alone(participant_out, group_out):
     before = snapshot(group_out)

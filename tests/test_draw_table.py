@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from normdiff_bids.data.synthetic import SyntheticCohort
@@ -81,18 +87,64 @@ def test_scores_from_the_loaded_table_equal_sampling(fitted):
     np.testing.assert_array_equal(q_table.to_numpy(), q_drawn.to_numpy())
 
 
-def test_table_scoring_needs_no_network(fitted, monkeypatch):
+def _inside(model, table):
+    age = model.covariate_schema_.continuous[0]
+    return table[(table["age"] > age.min) & (table["age"] < age.max)]
+
+
+def test_table_scoring_builds_no_network_and_imports_no_torch(fitted, tmp_path):
+    model, path, test = fitted
+    inside = _inside(model, test)
+    inside.to_csv(tmp_path / "inside.csv", index=False)
+    code = f"""
+import sys
+import pandas as pd
+from normdiff_bids.model.normative import load_model
+model = load_model({str(path)!r})
+scores = model.score(pd.read_csv({str(tmp_path / "inside.csv")!r}))
+curves = model.predict_quantiles(pd.read_csv({str(tmp_path / "inside.csv")!r}).iloc[:3])
+assert "_unbuilt" in model.__dict__, "the network was built"
+assert "torch" not in sys.modules, "torch was imported"
+scores.to_csv({str(tmp_path / "scores.csv")!r}, index=False)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    sampling._POINT_CACHE.clear()
+    want = _exact(load_model(path), lambda m: m.score(inside))
+    got = pd.read_csv(tmp_path / "scores.csv")
+    np.testing.assert_allclose(got[SCORES].to_numpy(), want[SCORES].to_numpy(), rtol=1e-12, atol=0)
+
+
+def test_a_loaded_model_builds_its_network_when_a_point_is_not_in_the_table(fitted):
     model, path, test = fitted
     loaded = load_model(path)
+    loaded.predict_centiles(_inside(model, test))
+    assert "_unbuilt" in loaded.__dict__ and "network_" not in loaded.__dict__
+    far = test.iloc[:2].copy()
+    far["age"] = model.covariate_schema_.continuous[0].max + 15.0
+    loaded.predict_centiles(far)
+    assert "_unbuilt" not in loaded.__dict__ and loaded.backbone_config_ == model.backbone_config_
+    assert loaded.model_card()["backbone_config"] == model.model_card()["backbone_config"]
+
+
+def test_a_bundle_without_the_weights_order_builds_its_network_and_scores_from_its_table(fitted, tmp_path):
+    """Bundles of earlier versions do not list the weights in the modules' order, which the weights token
+    follows: their model builds its network at load to take the token, and scores from its table."""
+    model, path, test = fitted
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    meta = json.loads((old / "model.json").read_text())
+    assert meta.pop("weights_order") == list(model._weight_arrays())
+    data = (json.dumps(meta, indent=2) + "\n").encode()
+    (old / "model.json").write_bytes(data)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"]["model.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_model(old)
+    assert "_unbuilt" not in loaded.__dict__ and loaded._weights_token() == model._weights_token()
     sampling._POINT_CACHE.clear()
-    inside = test[(test["age"] > model.covariate_schema_.continuous[0].min)
-                  & (test["age"] < model.covariate_schema_.continuous[0].max)]
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("the network was evaluated although every point is in the table")
-
-    monkeypatch.setattr(loaded._diffusion, "sample", no_network)
-    assert np.isfinite(loaded.predict_centiles(inside).to_numpy()).all()
+    np.testing.assert_array_equal(loaded.score(test)[SCORES].to_numpy(),
+                                  load_model(path).score(test)[SCORES].to_numpy())
 
 
 def test_ages_beyond_the_table_are_drawn_as_before(fitted):

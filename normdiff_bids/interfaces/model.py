@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -332,8 +333,14 @@ def jsonable(value):
 
 
 def set_threads(num_threads) -> None:
-    """Limit torch's CPU threads in this (worker) process: parallel nodes must not oversubscribe cores."""
+    """Limit torch's CPU threads in this (worker) process: parallel nodes must not oversubscribe cores.
+
+    Without torch imported yet (a model that scores from its draw table may never import it) the limit
+    is left in ``OMP_NUM_THREADS``, which torch takes as its thread count when it is imported."""
     if isdefined(num_threads) and num_threads and num_threads > 0:
+        if "torch" not in sys.modules:
+            os.environ["OMP_NUM_THREADS"] = str(int(num_threads))
+            return
         import torch
 
         torch.set_num_threads(int(num_threads))

@@ -22,10 +22,10 @@ import os
 import re
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from normdiff_bids._version import __version__
 from normdiff_bids.atomic import atomic_directory
@@ -52,9 +52,9 @@ class BundleError(NormdiffError, ValueError):
     """A model bundle that cannot be trusted or read; the message names the file and the fix."""
 
 
-def save_bundle(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict,
-                overwrite: bool = False) -> Path:
-    """Write ``tensors`` and ``meta`` as a bundle folder at ``path`` and return the path.
+def save_bundle(path: str | os.PathLike, tensors: dict, meta: dict, overwrite: bool = False) -> Path:
+    """Write ``tensors`` (numpy arrays or torch tensors) and ``meta`` as a bundle folder at ``path`` and
+    return the path.
 
     An existing ``path`` raises :class:`FileExistsError` unless ``overwrite=True``; then the old bundle
     stays in place until the new one is complete.
@@ -66,7 +66,7 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta:
         raise ValueError(f"meta keys {clash} are reserved by the bundle format")
     # serialise first so that a metadata problem fails before anything is written; the checksums are
     # taken of exactly the bytes that are written
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tensors = {k: _as_array(v) for k, v in tensors.items()}
     meta_text = json.dumps(json_ready({**header, **meta}, strict=True), indent=2, allow_nan=False) + "\n"
     contents = {
         META_FILE: meta_text.encode(),
@@ -81,8 +81,9 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta:
     return path
 
 
-def load_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a bundle written by :func:`save_bundle`; returns ``(tensors, meta)``.
+def load_bundle(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a bundle written by :func:`save_bundle`; returns ``(tensors, meta)``, the tensors as numpy
+    arrays (reading a bundle imports no torch: a model that scores from its draw table never needs it).
 
     Raises :class:`BundleError` for a missing folder or file, a foreign, older or newer format, a
     truncated file or one whose checksum does not match the manifest.
@@ -155,6 +156,13 @@ def check_params(estimator_cls, params: dict, path: str | os.PathLike) -> None:
     except ValueError as err:
         raise BundleError(f"{meta_path} holds invalid parameters: {str(err).split(': ', 1)[-1]}; "
                           f"{fix}") from None
+
+
+def _as_array(tensor) -> np.ndarray:
+    """A tensor as a C-contiguous numpy array on the CPU (torch tensors are converted)."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().to("cpu").contiguous().numpy()
+    return np.ascontiguousarray(tensor)
 
 
 def _read_manifest(path: Path) -> dict:

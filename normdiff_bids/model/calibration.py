@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals, heldout_residuals
-from normdiff_bids.model.training import validation_split
 from normdiff_bids.scoring.conformal import CentileCalibration
 
 __all__ = ["fit_calibration"]
@@ -25,6 +24,8 @@ def fit_calibration(model, space: ModelSpace, x, cont, cat) -> CentileCalibratio
     for unseen controls), while a map from a few dozen unseen rows alone is noisy (N=200, D=20: 20
     unseen rows gave a held-out joint KS of 0.19, the out-of-fold rows 0.08).
     """
+    from normdiff_bids.model.training import validation_split
+
     inputs = space.stage_inputs(cont, cat)
     missing = np.zeros(len(x), dtype=bool)
     residuals = crossfit_residuals(model.stage_, *inputs, x, seed=int(model.seed))

@@ -1,4 +1,5 @@
-"""Covariates as the network sees them: a schema learned from the training table, and the encoder module.
+"""Covariates as the network sees them: a schema learned from the training table, and the encoder's
+configuration (the encoder module is :mod:`~normdiff_bids.model.encoder`, loaded with torch on first use).
 
 Continuous covariates (age, any extra numeric one) are standardised with the training mean and SD;
 categorical ones (sex, site, any non-numeric one) become learned embeddings. Every categorical covariate
@@ -14,8 +15,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 from normdiff_bids.conventions import SEX_ALIASES
 from normdiff_bids.covariate_spec import KINDS
@@ -317,38 +316,9 @@ class CovariateEncoderConfig:
     unknown_dropout: float = 0.1
 
 
-class CovariateEncoder(nn.Module):
-    """Map encoded covariates to the conditioning vector of the backbone.
+def __getattr__(name):
+    if name == "CovariateEncoder":  # the network's module (and torch) load on first use
+        from normdiff_bids.model.encoder import CovariateEncoder
 
-    Shapes: ``cont`` float [B, n_cont], ``cat`` int64 [B, n_cat] -> ``cond`` [B, C] with
-    ``C = n_cont + sum(embedding widths)`` (:attr:`cond_dim`). Rows are independent of each other.
-    In training mode, covariates trained with an unknown level are replaced by it with probability
-    ``config.unknown_dropout``, using ``generator`` when given (reproducible training).
-    """
-
-    def __init__(self, schema: CovariateSchema, config: CovariateEncoderConfig | None = None):
-        super().__init__()
-        self.config = config or CovariateEncoderConfig()
-        self.n_continuous = schema.n_continuous
-        self.embeddings = nn.ModuleList()
-        widths = []
-        for cov in schema.categorical:
-            n = len(cov.levels) + 1
-            width = min(self.config.embedding_dim, n)
-            self.embeddings.append(nn.Embedding(n, width))
-            widths.append(width)
-        self.register_buffer("marginal", torch.tensor([c.marginal for c in schema.categorical],
-                                                       dtype=torch.bool), persistent=False)
-        self.cond_dim = self.n_continuous + sum(widths)
-
-    def forward(self, cont: torch.Tensor, cat: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.training and self.config.unknown_dropout > 0 and bool(self.marginal.any()):
-            # drawn on the generator's device (training draws all randomness from one CPU stream)
-            u = torch.rand(cat.shape, generator=generator,
-                           device=generator.device if generator is not None else cat.device)
-            drop = u.to(cat.device) < self.config.unknown_dropout
-            cat = torch.where(drop & self.marginal, torch.full_like(cat, UNKNOWN_INDEX), cat)
-        parts = [cont.to(torch.float32)]
-        parts += [emb(cat[:, j]) for j, emb in enumerate(self.embeddings)]
-        return torch.cat(parts, dim=1)
+        return CovariateEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

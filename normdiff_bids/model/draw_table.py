@@ -23,7 +23,6 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from normdiff_bids.model.sampling import Drawer, Grid, point_key
 
@@ -115,19 +114,17 @@ class DrawTable:
         return self
 
     # -- persistence: tensors in the bundle's safetensors file, settings in model.json -----------------
-    def to_tensors(self) -> dict[str, torch.Tensor]:
+    def to_tensors(self) -> dict[str, np.ndarray]:
         if not self.is_complete:
             raise ValueError(f"the draw table holds {int(self.drawn.sum())} of its {len(self)} points; "
                              f"complete it before writing it")
-        # a loaded table's arrays are read-only views of the bundle's cache: writable copies for torch
         names = ("points_cont", "points_cat", "samples")
-        return {f"{TENSOR_PREFIX}{name}": torch.from_numpy(np.require(getattr(self, name), requirements="CW"))
-                for name in names}
+        return {f"{TENSOR_PREFIX}{name}": np.ascontiguousarray(getattr(self, name)) for name in names}
 
     @classmethod
-    def from_tensors(cls, settings: dict, tensors: dict[str, torch.Tensor]) -> DrawTable:
-        get = {name: tensors[f"{TENSOR_PREFIX}{name}"].numpy() for name in ("points_cont", "points_cat",
-                                                                            "samples")}
+    def from_tensors(cls, settings: dict, tensors: dict[str, np.ndarray]) -> DrawTable:
+        get = {name: np.asarray(tensors[f"{TENSOR_PREFIX}{name}"]) for name in ("points_cont", "points_cat",
+                                                                                 "samples")}
         if get["samples"].ndim != 3 or len(get["samples"]) != len(get["points_cont"]) \
                 or len(get["points_cat"]) != len(get["points_cont"]):
             raise ValueError(f"draw table tensors have inconsistent shapes: "

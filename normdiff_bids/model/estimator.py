@@ -19,15 +19,15 @@ import dataclasses
 import inspect
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from normdiff_bids.model import params as P
 from normdiff_bids.model.backbones import backbone_names, get_spec
 from normdiff_bids.model.calibration import fit_calibration
-from normdiff_bids.model.covariates import CovariateEncoder, CovariateEncoderConfig, CovariateSchema
+from normdiff_bids.model.covariates import CovariateEncoderConfig, CovariateSchema
 from normdiff_bids.model.draw_table import MAX_TABLE_BYTES, DrawTable, grid_points
 from normdiff_bids.model.location_scale import LocationScaleStage
 from normdiff_bids.model.model_space import ModelSpace
@@ -36,9 +36,13 @@ from normdiff_bids.model.prediction import _PredictionMixin
 from normdiff_bids.model.preprocess import METHODS as PREPROCESSING_METHODS
 from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.model.presets import PRESETS
-from normdiff_bids.model.tables import select_idps, training_rows
-from normdiff_bids.model.training import MIN_TRAIN_ROWS, TrainingSettings, train_denoiser
+from normdiff_bids.model.tables import MIN_TRAIN_ROWS, select_idps, training_rows
 from normdiff_bids.scoring.joint import model_shrinkage
+
+if TYPE_CHECKING:  # torch loads when a network is built: a saved model with a draw table scores without it
+    import torch
+
+    from normdiff_bids.model.training import TrainingSettings
 
 __all__ = ["NormativeDiffusion", "load_model"]
 
@@ -284,19 +288,28 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         return int(rule(self.backbone_config_, n_train, self.n_features_in_, self.encoder_.cond_dim,
                         self._batch_size()))
 
+    def _check_device(self) -> None:
+        """The device setting is one this machine has (imports torch only to ask about CUDA)."""
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+        if str(self.device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device='cuda' was asked for but CUDA is not available; use "
+                                 "device='cpu' or 'auto'")
+
     def _torch_device(self) -> torch.device:
+        import torch
+
+        self._check_device()
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
-        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was asked for but CUDA is not available; use device='cpu' "
-                             "or 'auto'")
         return torch.device(self.device)
 
     def _check_params(self) -> None:
         P.check_parameters(self, PARAMETER_CONSTRAINTS, "NormativeDiffusion")
-        self._torch_device()
+        self._check_device()
 
     # ------------------------------------------------------------------ fitting
     def fit(self, table: pd.DataFrame, idps: Sequence[str] | None = None) -> NormativeDiffusion:
@@ -308,11 +321,14 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         dropped too (``"drop"``).
         Returns ``self``.
         """
+        from normdiff_bids.model.training import train_denoiser
+
         self._check_params()
         if not isinstance(table, pd.DataFrame):
             raise TypeError(f"fit expects a pandas DataFrame, got {type(table).__name__}")
         start = time.perf_counter()
         self._weights_digest = None  # new weights: earlier draws are not theirs
+        self.__dict__.pop("_unbuilt", None)  # a loaded model's weights, not built yet: replaced
         covariates = list(self.covariates)
         idps = select_idps(table, idps, covariates)
         kept, values, n_dropped, n_partial = training_rows(table, idps, covariates, self.missing_idps,
@@ -385,7 +401,10 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
                           self.site_covariate if self.stage_ is not None else None)
 
     def _build(self, schema: CovariateSchema, n_rows: int, device: torch.device) -> None:
+        import torch
+
         from normdiff_bids.model.diffusion import GaussianDiffusion
+        from normdiff_bids.model.encoder import CovariateEncoder
         from normdiff_bids.model.schedule import DiffusionConfig
 
         spec = get_spec(self.backbone)
@@ -403,6 +422,8 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         self._diffusion = GaussianDiffusion(self.diffusion_config_)
 
     def _training_settings(self) -> TrainingSettings:
+        from normdiff_bids.model.training import TrainingSettings
+
         preset = self._preset()
         lr = self.lr if self.lr is not None else self._backbone_preset().lr
         return TrainingSettings(
@@ -414,7 +435,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
 
     # ------------------------------------------------------------------ fitted state and the draw table
     def _check_fitted(self) -> None:
-        if not hasattr(self, "network_"):
+        if "network_" not in self.__dict__ and "_unbuilt" not in self.__dict__:
             raise RuntimeError("this NormativeDiffusion is not fitted yet; call fit(table) or "
                                "load_model(path)")
 

@@ -4,6 +4,7 @@
 from normdiff_bids.model.estimator import NormativeDiffusion, load_model
 from normdiff_bids.model.presets import DEFAULTS, PAPER
 from normdiff_bids.model.sampling import _POINT_CACHE
-from normdiff_bids.model.training import MIN_TRAIN_ROWS
+from normdiff_bids.model.tables import MIN_TRAIN_ROWS
 
 __all__ = ["NormativeDiffusion", "load_model", "DEFAULTS", "PAPER", "MIN_TRAIN_ROWS", "_POINT_CACHE"]
+

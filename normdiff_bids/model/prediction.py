@@ -78,7 +78,7 @@ class _PredictionMixin:
 
     def _drawer(self, use_table: bool = True) -> Drawer:
         table = getattr(self, "draw_table_", None) if use_table and self.draw_table == "auto" else None
-        return Drawer(self.encoder_, self.network_, self._diffusion, seed=int(self.seed),
+        return Drawer(self._network_modules, seed=int(self.seed),
                       sampler=self._sampler(), steps=self._steps(), n_features=self.n_features_in_,
                       weights_token=self._weights_token(), verbose=self.verbose,
                       standardise=self.stage_ is not None, table=table)
@@ -104,17 +104,31 @@ class _PredictionMixin:
         step = self._grid_step()
         return np.unique(np.round(ages / step)) * step
 
+    def _network_modules(self) -> tuple:
+        """``(encoder, network, diffusion)``; a loaded model builds them here, on first use."""
+        return self.encoder_, self.network_, self._diffusion
+
     def _weights_token(self) -> str:
-        """A digest of the fitted weights: the identity of the draws in the process-wide draw cache."""
+        """A digest of the fitted weights: the identity of their draws (the process-wide draw cache, the
+        draw table's settings), taken over each module's weights in its own order; a loaded model takes
+        it from the bundle's arrays in that order, without building its network."""
         token = getattr(self, "_weights_digest", None)
         if token is None:
+            unbuilt = self.__dict__.get("_unbuilt")
+            weights = unbuilt.weights if unbuilt is not None else self._weight_arrays()
             h = hashlib.blake2b(digest_size=16)
-            for module in (self.encoder_, self.network_):
-                for name, tensor in module.state_dict().items():
-                    h.update(name.encode())
-                    h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            for name, array in weights.items():
+                h.update(name.split(".", 1)[1].encode())  # the module's own name, without the prefix
+                h.update(np.ascontiguousarray(array).tobytes())
             token = self._weights_digest = h.hexdigest()
         return token
+
+    def _weight_arrays(self) -> dict[str, np.ndarray]:
+        """The encoder's and network's weights as numpy arrays under their bundle names, in the modules'
+        order."""
+        return {f"{prefix}.{name}": tensor.detach().cpu().contiguous().numpy()
+                for prefix, module in (("encoder", self.encoder_), ("network", self.network_))
+                for name, tensor in module.state_dict().items()}
 
     def _values(self, table) -> np.ndarray:
         missing = [c for c in self.idps_ if c not in table.columns]

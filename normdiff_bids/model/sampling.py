@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
 from normdiff_bids.progress import progress
 from normdiff_bids.scoring.centiles import interpolate_quantile_functions
@@ -129,15 +127,15 @@ _POINT_CACHE = _DrawCache(256 * 2**20)
 class Drawer:
     """Draws from a fitted encoder + network at covariate points, in model space.
 
-    ``weights_token`` identifies the weights (the cache key of their draws); ``n_features`` is D.
+    ``modules()`` returns ``(encoder, network, diffusion)``; it is called only when a point has to be
+    drawn, so scoring from a draw table builds no network (and imports no torch). ``weights_token``
+    identifies the weights (the cache key of their draws); ``n_features`` is D.
     ``standardise``: each point's draws are centred and scaled to SD 1 per IDP (the two-stage model,
     whose location-scale stage owns the first two moments, so the network supplies only the shape and
     the dependence; the error of a network's spread at small N does not reach the centiles).
     """
 
-    encoder: nn.Module
-    network: nn.Module
-    diffusion: object
+    modules: Callable[[], tuple]
     seed: int
     sampler: str
     steps: int
@@ -168,24 +166,28 @@ class Drawer:
         once drawn. A call that the points due next leave part empty also draws the points to draw
         after them (kept until their turn), so that only the final call is padded.
         """
-        device = next(self.network.parameters()).device
-        n_draws = self.diffusion.noise_draws(self.sampler, self.steps)
-        d = self.n_features
-        rows_per_call = min(ROWS_PER_CALL, NOISE_BYTES_PER_CALL // (4 * n_draws * d))
-        per_call = max(1, rows_per_call // n_samples)
         n_points = len(points_cont)
-        settings = (self.weights_token, int(self.seed), n_samples, self.sampler, self.steps, str(device),
-                    self.standardise)
-        keys = [settings + point_key(points_cont[i], points_cat[i]) for i in range(n_points)]
         table = self.table if self.table is not None and self.table.serves(self.table_settings(n_samples)) \
             else None
         tabled = [None if table is None else table.find(points_cont[i], points_cat[i])
                   for i in range(n_points)]
-        to_draw = [i for i in range(n_points) if tabled[i] is None and keys[i] not in _POINT_CACHE]
+        keys, to_draw, modules = [None] * n_points, [], None
+        per_call = max(1, ROWS_PER_CALL // n_samples)  # only the chunks of the yield when nothing is drawn
+        if any(t is None for t in tabled):
+            modules = encoder, network, diffusion = self.modules()
+            encoder.eval()
+            network.eval()
+            device = next(network.parameters()).device
+            n_draws = diffusion.noise_draws(self.sampler, self.steps)
+            rows_per_call = min(ROWS_PER_CALL, NOISE_BYTES_PER_CALL // (4 * n_draws * self.n_features))
+            per_call = max(1, rows_per_call // n_samples)
+            settings = (self.weights_token, int(self.seed), n_samples, self.sampler, self.steps, str(device),
+                        self.standardise)
+            keys = [settings + point_key(points_cont[i], points_cat[i]) for i in range(n_points)]
+            to_draw = [i for i in range(n_points) if tabled[i] is None and keys[i] not in _POINT_CACHE]
+        d = self.n_features
         ahead = 0  # to_draw[ahead:] are neither drawn nor due yet
         drawn_ahead: dict[int, np.ndarray] = {}
-        self.encoder.eval()
-        self.network.eval()
         # a progress bar only for what is drawn: points from the table or the cache cost nothing
         bar = progress(total=n_points, desc=desc, verbose=self.verbose and len(to_draw) > 0, unit="point")
         try:
@@ -212,7 +214,8 @@ class Drawer:
                     later = to_draw[ahead:ahead + per_call - len(todo)]
                     ahead += len(later)
                     call = np.concatenate([idx[todo], np.asarray(later, dtype=idx.dtype)])
-                    drawn = self._call(points_cont, points_cat, call, per_call, n_samples, n_draws, device)
+                    drawn = self._call(modules, points_cont, points_cat, call, per_call, n_samples, n_draws,
+                                       device)
                     for i, smp in zip(call, drawn):
                         _POINT_CACHE.put(keys[i], smp)
                         if table is not None:
@@ -224,10 +227,13 @@ class Drawer:
         finally:
             bar.close()
 
-    def _call(self, points_cont, points_cat, points: np.ndarray, per_call: int, n_samples: int,
+    def _call(self, modules, points_cont, points_cat, points: np.ndarray, per_call: int, n_samples: int,
               n_draws: int, device) -> np.ndarray:
         """One network call: the samples ``[len(points), S, D]`` (float32) of ``points`` (at most
         ``per_call``), the call padded to ``per_call`` points by repeating the final one."""
+        import torch
+
+        encoder, network, diffusion = modules
         d = self.n_features
         padded = np.concatenate([points, np.full(per_call - len(points), points[-1])])
         noise = torch.stack([
@@ -236,9 +242,9 @@ class Drawer:
                                                                            points_cat[i])))
             for i in padded], dim=1).to(device)
         with torch.no_grad():
-            cond = self.encoder(torch.from_numpy(points_cont[padded]).to(device),
-                                torch.from_numpy(points_cat[padded]).to(device))
-            x0 = self.diffusion.sample(self.network, cond, noise, sampler=self.sampler, steps=self.steps)
+            cond = encoder(torch.from_numpy(points_cont[padded]).to(device),
+                           torch.from_numpy(points_cat[padded]).to(device))
+            x0 = diffusion.sample(network, cond, noise, sampler=self.sampler, steps=self.steps)
         drawn = x0[: len(points)].float().cpu().numpy()
         if not np.isfinite(drawn).all():
             raise RuntimeError("the model produced non-finite samples; the fit diverged or the "

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from normdiff_bids.model.config import ConfigDict
+
+if TYPE_CHECKING:  # torch is imported where training needs it: a loaded model scores without it
+    import torch
 
 __all__ = ["DiffusionConfig", "NoiseLevels", "VPSchedule", "EDMSchedule", "make_schedule"]
 
@@ -169,6 +172,8 @@ class VPSchedule:
 
     def training_levels(self, n: int, generator: torch.Generator | None = None):
         """Uniform t in {1..T}: returns (alpha [n], sigma [n], t_in [n]) as float32 tensors."""
+        import torch
+
         t = torch.randint(1, self.cfg.timesteps + 1, (n,), generator=generator,
                           device=_gen_device(generator))
         idx = t.cpu().numpy()
@@ -209,13 +214,17 @@ class EDMSchedule:
         self.cfg = cfg
 
     def training_levels(self, n: int, generator: torch.Generator | None = None):
+        import torch
+
         z = torch.randn(n, generator=generator, device=_gen_device(generator)).cpu().double()
         sigma = torch.exp(self.cfg.p_mean + self.cfg.p_std * z)
         return (torch.ones(n, dtype=torch.float32), sigma.float(), self.c_noise(sigma).float())
 
     @staticmethod
     def c_noise(sigma):
-        return torch.log(sigma) / 4 if torch.is_tensor(sigma) else np.log(sigma) / 4
+        if isinstance(sigma, (int, float, np.ndarray, np.floating)):
+            return np.log(sigma) / 4
+        return sigma.log() / 4  # a torch tensor (training)
 
     def preconditioning(self, sigma):
         """(c_skip, c_out, c_in) of Karras et al. (2022), Table 1."""

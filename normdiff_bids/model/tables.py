@@ -11,7 +11,10 @@ import pandas as pd
 from normdiff_bids.conventions import NON_IDP_COLUMNS
 from normdiff_bids.errors import InputError, ProblemCollector
 
-__all__ = ["idp_matrix", "present", "select_idps", "training_rows"]
+__all__ = ["MIN_TRAIN_ROWS", "idp_matrix", "present", "select_idps", "training_rows"]
+
+#: Training refuses to start with fewer complete rows than this.
+MIN_TRAIN_ROWS = 20
 
 
 def idp_matrix(table: pd.DataFrame, idps: list[str], purpose: str) -> np.ndarray:

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from normdiff_bids.model.tables import MIN_TRAIN_ROWS
 from normdiff_bids.progress import progress
 
 __all__ = ["INPUT_NOISE_STD", "MIN_TRAIN_ROWS", "PLATEAU_FACTOR", "VALIDATION_DRAWS", "TrainingSettings",
@@ -22,8 +23,6 @@ __all__ = ["INPUT_NOISE_STD", "MIN_TRAIN_ROWS", "PLATEAU_FACTOR", "VALIDATION_DR
 INPUT_NOISE_STD = 0.025
 #: ReduceLROnPlateau factor (paper).
 PLATEAU_FACTOR = 0.75
-#: Training refuses to start with fewer complete rows than this.
-MIN_TRAIN_ROWS = 20
 #: Validation-loss evaluations per validation pass: the validation rows are repeated until about this
 #: many (row, noise level) pairs are scored, with the same draws every epoch, so that successive
 #: validation losses differ only because the model changed.
