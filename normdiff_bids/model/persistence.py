@@ -210,20 +210,19 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise BundleError(f"{path}/model.json and model.safetensors do not describe a model this version "
-                          f"can rebuild ({type(err).__name__}: {err}); {_FIX}") from None
+        raise _cannot_rebuild(path, err) from None
     weights = {k: v for k, v in tensors.items() if k.startswith(("encoder.", "network."))}
     order = meta.get("weights_order")
+    if isinstance(order, list) and sorted(order) == sorted(weights):
+        weights = {name: weights[name] for name in order}  # the order the weights token follows
     model._unbuilt = _Unbuilt(str(path), weights, dict(backbone_config))
     model.draw_table_ = None
-    if meta.get("draw_table") is None or not isinstance(order, list) or sorted(order) != sorted(weights):
+    if meta.get("draw_table") is None or list(weights) != order:
         # it scores by sampling, or it is a bundle from before the weights' order was kept (which the
         # weights token needs): build (and check) the network now
         _build_network(model)
-    else:
-        model._unbuilt.weights = {name: weights[name] for name in order}
-    if meta.get("draw_table") is None:
-        return model
+        if meta.get("draw_table") is None:
+            return model
     try:
         model.draw_table_ = DrawTable.from_tensors(meta["draw_table"], tensors)
     except (KeyError, TypeError, ValueError) as err:
@@ -253,11 +252,15 @@ def _build_network(model) -> None:
         encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
         network.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("network.")})
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise BundleError(f"{unbuilt.path}/model.json and model.safetensors do not describe a model this "
-                          f"version can rebuild ({type(err).__name__}: {err}); {_FIX}") from None
+        raise _cannot_rebuild(unbuilt.path, err) from None
     dev = model._torch_device()
     model.backbone_config_ = config
     model.encoder_ = encoder.to(dev).eval()
     model.network_ = network.to(dev).eval()
     model._diffusion = GaussianDiffusion(model.diffusion_config_)
     del model.__dict__["_unbuilt"]
+
+
+def _cannot_rebuild(path, err: Exception) -> BundleError:
+    return BundleError(f"{path}/model.json and model.safetensors do not describe a model this version can "
+                       f"rebuild ({type(err).__name__}: {err}); {_FIX}")
