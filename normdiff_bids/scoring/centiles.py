@@ -93,7 +93,10 @@ def _fit_upper(outer: np.ndarray, n: int, scale: np.ndarray):
     hc = h - h.mean(axis=0)
     hh = np.sum(hc ** 2, axis=0)
     x_mean = outer.mean(axis=1)
-    proj = (outer - x_mean[:, None]) @ hc  # [E, G]
+    # [E, G]; einsum's own loop, not a BLAS product, so an entry's fit is the same bits whichever other
+    # entries it is fitted with (a product's blocking depends on E: a row's centile changed in the last
+    # bit when another of its IDPs was missing)
+    proj = np.einsum("ek,kg->eg", outer - x_mean[:, None], hc)
     best = np.argmax(proj ** 2 / hh, axis=1)  # least squares: the largest explained sum of squares
     slope = proj[np.arange(len(best)), best] / hh[best]
     flat = ~(slope > 0)  # ties: a straight line with the robust scale of the whole sample
