@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from product_helpers import TINY_ARGS, snapshot, synthetic_bids
 
 from normdiff_bids.cli.run import main
+from normdiff_bids.model.bundle import load_bundle
 from normdiff_bids.outputs.tables import read_scores_table
 
 
@@ -32,10 +34,14 @@ def test_pretrained_bundle_adapt_and_participant_scores(tmp_path_factory, capsys
     meta = json.loads((out / "models" / "adapted" / "model.json").read_text())
     adaptation = meta["model_card"]["adaptations"][-1]
     assert list(adaptation["sites"]) == ["site3"] and adaptation["sites"]["site3"] >= 2
-    # the network is the pretrained one, bit for bit
-    manifest = json.loads((model / "manifest.json").read_text())
-    adapted_manifest = json.loads((out / "models" / "adapted" / "manifest.json").read_text())
-    assert manifest["files"]["model.safetensors"] == adapted_manifest["files"]["model.safetensors"]
+    # the network and its draws are the pretrained ones, bit for bit (the stage learnt the new site)
+    pretrained, _ = load_bundle(model)
+    adapted, _ = load_bundle(out / "models" / "adapted")
+    kept = [k for k in pretrained if not k.startswith("location_scale.")]
+    assert kept and set(kept) == {k for k in adapted if not k.startswith("location_scale.")}
+    for key in kept:
+        np.testing.assert_array_equal(adapted[key], pretrained[key])
+    assert adapted["location_scale.v_var"].shape[0] == pretrained["location_scale.v_var"].shape[0] + 1
     # the adaptation controls are marked in-sample; everyone is scored, site3 as a known site now
     split = read_scores_table(out / "phenotype" / "normdiff_reference.tsv")
     assert "train" in set(split["split"])

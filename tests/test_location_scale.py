@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from normdiff_bids.model.location_scale import LocationScaleStage
+from normdiff_bids.model.location_scale import LOGVAR_RANGE, LocationScaleConfig, LocationScaleStage
 
 
 def _cohort(n, seed, shifts, log_sd, n_sites=None):
@@ -78,12 +78,12 @@ def test_new_site_effects_from_few_controls(truth):
         loc = np.column_stack([np.sin(1.5 * a[:, 0]), 0.5 * a[:, 0] ** 2]) + 0.4 * s + new_shift
         yk = loc + np.exp(0.3 * a + new_logsd) * rng.standard_normal((k, 2))
         estimates[k] = stage.site_effects(a, s, yk)
-    u3, var3, _ = estimates[3]
-    u200, var200, v200 = estimates[200]
+    u3, var3, _, v_var3 = estimates[3]
+    u200, var200, v200, v_var200 = estimates[200]
     assert np.all(np.abs(u3) < np.abs(new_shift))             # shrunk with 3 controls
     np.testing.assert_allclose(u200, new_shift, atol=0.15)   # the site's own mean with 200
     np.testing.assert_allclose(v200, 2 * new_logsd, atol=0.35)
-    assert np.all(var3 > var200)
+    assert np.all(var3 > var200) and np.all(v_var3 > v_var200)
     adapted = stage.with_sites([estimates[200]])
     assert adapted.n_sites_ == 13
     np.testing.assert_array_equal(adapted.u_[:12], stage.u_)   # known sites untouched
@@ -93,10 +93,17 @@ def test_state_round_trips_exactly(truth):
     shifts, log_sd = truth
     age, sex, site, y, _, _ = _cohort(500, 6, shifts, log_sd)
     stage = LocationScaleStage().fit(age, sex, site, y, n_sites=12)
-    again = LocationScaleStage.from_dict(stage.to_dict())
+    again = LocationScaleStage.from_dict(stage.to_dict(), stage.posterior_arrays())
     a, b = stage.location_scale(age, sex, site), again.location_scale(age, sex, site)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+    # a stage saved by an earlier version (no posterior arrays) scales rows as it did then
+    old = LocationScaleStage.from_dict(stage.to_dict())
+    assert not old.has_parameter_variance and not old.config.parameter_uncertainty
+    np.testing.assert_array_equal(old.location_scale(age, sex, site)[0], a[0])
+    plain = np.sqrt(np.exp(np.clip(old._fixed_design(age, sex) @ old.gamma_ + old.v_[site], *LOGVAR_RANGE))
+                    + old.u_var_[site])
+    np.testing.assert_allclose(old.location_scale(age, sex, site)[1], plain)
 
 
 def test_an_idp_that_is_mostly_zero_keeps_the_fit_finite(truth):
@@ -126,3 +133,50 @@ def test_missing_values_have_no_weight_and_the_rest_still_fit(truth):
     np.testing.assert_allclose(stage.standardise(a2, s2, t2, np.column_stack([loc2[:, 0], loc2[:, 1]]))[:, 1],
                                full.standardise(a2, s2, t2, np.column_stack([loc2[:, 1], loc2[:, 1]]))[:, 1],
                                rtol=1e-6, atol=1e-8)
+
+
+def _small_sites(n_per, seed, n_idps=40, n_sites=12):
+    """``(train, new)`` rows of sites of ``n_per`` people (new: 300 per site), IDPs with site effects in
+    location and spread."""
+    rng = np.random.default_rng(seed)
+    shift = rng.normal(0, 0.5, (n_sites, n_idps))
+    log_sd = rng.normal(0, 0.2, (n_sites, n_idps))
+
+    def draw(per):
+        site = np.repeat(np.arange(n_sites), per)
+        age = rng.uniform(-1.5, 1.5, (len(site), 1))
+        sex = rng.integers(0, 2, (len(site), 1))
+        loc = np.sin(1.5 * age) + 0.4 * sex + shift[site]
+        return age, sex, site, loc + np.exp(0.3 * age + log_sd[site]) * rng.standard_normal(loc.shape)
+
+    return draw(n_per), draw(300)
+
+
+@pytest.mark.parametrize("n_per", [5, 20])
+def test_new_people_get_the_posterior_predictive_spread(n_per):
+    """Sites of 5 and 20 people: a new person's residual has variance 1 and 95% of them lie in +-1.96,
+    because the scale carries what the fit does not know (the plug-in scale of the noise and the site's
+    location alone gave a mean square of 2.1 and a coverage of 0.85 with 5 people per site)."""
+    train, new = _small_sites(n_per, seed=0)
+    for name, stage in [("predictive", LocationScaleStage()),
+                        ("plug-in", LocationScaleStage(LocationScaleConfig(parameter_uncertainty=False)))]:
+        r = stage.fit(*train, n_sites=12).standardise(*new)
+        ok = 0.9 < np.mean(r**2) < 1.2 and 0.93 < np.mean(np.abs(r) < 1.959964) < 0.96
+        assert ok == (name == "predictive"), (name, np.mean(r**2), np.mean(np.abs(r) < 1.959964))
+
+
+def test_beyond_the_training_ages_the_spread_is_the_edges():
+    """The fit's own uncertainty widens a new person's scale more at the edge of the age range than in
+    its middle; beyond the training ages the scale stays the edge's (a log-variance carried on along its
+    boundary slope sent some IDPs' variance to e^6 and others' to e^-5), while the location goes on."""
+    train, _ = _small_sites(20, seed=1)
+    stage = LocationScaleStage().fit(*train, n_sites=12)
+    plain = LocationScaleStage.from_dict(stage.to_dict())  # no posterior arrays: the plug-in scale
+    ages = np.array([[0.0], [train[0].max()], [3.0], [4.0]])
+    sex, site = np.zeros((4, 1), dtype=int), np.full(4, -1)
+    loc, scale = stage.location_scale(ages, sex, site)
+    extra = scale**2 - plain.location_scale(ages, sex, site)[1] ** 2
+    assert np.all(extra > 0) and np.all(extra[1] > extra[0])
+    np.testing.assert_allclose(scale[2:], np.broadcast_to(scale[1], (2, scale.shape[1])), rtol=1e-12)
+    slope = loc[3] - loc[2]  # per unit of age beyond the edge: the location is linear there
+    np.testing.assert_allclose(loc[2] - loc[1], (3.0 - ages[1, 0]) * slope, atol=1e-9)

@@ -70,7 +70,7 @@ def adapt_to_new_sites(model, table: pd.DataFrame, refine: bool = False):
     stage = model.stage_.with_sites([effects[s] for s in new_levels])
     for s in known:
         k = site_cov.levels.index(s)
-        stage.u_[k], stage.u_var_[k], stage.v_[k] = effects[s]
+        stage.set_site(k, effects[s])
     out = copy.copy(model)
     out.covariate_schema_ = schema
     out.stage_ = stage

@@ -33,6 +33,8 @@ __all__ = ["load_model"]
 #: What a loaded model builds on first use (:meth:`_PersistenceMixin.__getattr__`).
 _BUILT_ON_USE = ("encoder_", "network_", "_diffusion", "backbone_config_")
 _FIX = "re-create the model with this version of normdiff-bids"
+#: Prefix of the location-scale stage's posterior covariances among the bundle's tensors.
+STAGE_PREFIX = "location_scale."
 
 
 @dataclass
@@ -91,6 +93,8 @@ class _PersistenceMixin:
             "location_scale": (None if self.stage_ is None else {
                 "site_covariate": self.site_covariate if self._model_space().site_index is not None else None,
                 "site_effects": "partially pooled (empirical-Bayes random effects in location and spread)",
+                "scale": ("posterior predictive (the fit's uncertainty in location and spread included)"
+                          if self.stage_.has_parameter_variance else "plug-in"),
                 "network_covariates": self._model_space().network_schema().names}),
             "calibration": (None if self.calibration_ is None else {
                 "method": "split-conformal maps from cross-fitted reference controls (pooled over IDPs, "
@@ -121,6 +125,8 @@ class _PersistenceMixin:
             self.created_ = datetime.now(UTC).isoformat(timespec="seconds")
         tensors = self._weight_arrays()
         order = list(tensors)  # the modules' order, which the weights token follows
+        if self.stage_ is not None:
+            tensors.update({f"{STAGE_PREFIX}{k}": v for k, v in self.stage_.posterior_arrays().items()})
         table = self._bundle_draw_table()
         if table is not None:
             # draws the points the model has not scored yet (scoring kept the others in the table)
@@ -198,7 +204,8 @@ def load_model(path: str | os.PathLike, device: str | None = None) -> NormativeD
         model.history_ = pd.DataFrame(meta["history"]).astype({"val_loss": float})
         model.created_ = meta.get("created")
         stage, layer = meta.get("location_scale"), meta.get("calibration")
-        model.stage_ = None if stage is None else LocationScaleStage.from_dict(stage)
+        arrays = {k[len(STAGE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STAGE_PREFIX)}
+        model.stage_ = None if stage is None else LocationScaleStage.from_dict(stage, arrays)
         model.calibration_ = None if layer is None else CentileCalibration.from_dict(layer)
         model.adaptations_ = list(meta.get("adaptations", []))
         # bundles from before the floor scored (and calibrated) their joint deviation without one
