@@ -364,3 +364,16 @@ def test_an_age_outside_its_own_sites_range_is_extrapolated(one_thread, tmp_path
     assert flags.tolist() == [True, False]  # 60 is inside the global range, not inside site1's
     saved = load_model(model.save(tmp_path / "m"))
     assert saved.covariate_schema_.categorical[-1].ranges == model.covariate_schema_.categorical[-1].ranges
+
+
+def test_the_joint_map_is_learnt_only_with_many_idps_per_control(model, train):
+    # 3 IDPs from 400 rows: the model's draws calibrate the joint deviation, no map is learnt
+    assert model.calibration_.joint.is_identity
+    assert model.model_card()["calibration"]["joint_is_identity"]
+    # 8 IDPs from 40 rows (0.2 per row): the cross-fitted controls give the joint its map
+    wide = SyntheticCohort(n_idps=8, n_sites=2, seed=0).sample(40, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        few = tiny_model().fit(wide)
+    assert few.n_features_in_ / few.n_train_ >= 0.2
+    assert not few.calibration_.joint.is_identity
