@@ -192,7 +192,7 @@ class LocationScaleStage:
         # is extreme); the location goes on linearly
         inside = np.column_stack([np.clip(cont[:, c], k[0], k[-1]) for c, k in enumerate(self.knots_)]) \
             if self.knots_ else cont
-        F_in = self._fixed_design(inside, fixed)
+        F_in = F if np.array_equal(inside, cont) else self._fixed_design(inside, fixed)
         logvar = np.clip(F_in @ self.gamma_ + Z @ self.v_, *LOGVAR_RANGE)
         if self.has_parameter_variance:
             # posterior predictive: what the fit does not know of the location and the log-variance
@@ -334,10 +334,16 @@ _SITE_ARRAYS = ("u_", "u_var_", "v_", "v_var_", "beta_site_cov_", "gamma_site_co
 def _posterior(F, Z, w, pen, tau2) -> np.ndarray:
     """Posterior covariance ``[D, P, P]`` of ``(beta, u)`` of :func:`_mixed_model` at weights ``w`` and
     site variances ``tau2``."""
-    p, k = F.shape[1], Z.shape[1]
-    A = _weighted_grams(np.concatenate([F, Z], axis=1), w)
-    A[:, np.arange(p), np.arange(p)] += pen
-    A[:, np.arange(p, p + k), np.arange(p, p + k)] += (1.0 / tau2)[:, None]
+    return _gram_posterior(_weighted_grams(np.concatenate([F, Z], axis=1), w), pen, tau2, F.shape[1])
+
+
+def _gram_posterior(gram, pen, tau2, p) -> np.ndarray:
+    """Posterior covariance ``[D, P, P]`` from the weighted grams ``[D, P, P]`` of ``[F, Z]`` (``p``
+    columns of ``F``): the ridge ``pen`` on ``beta`` and the prior variances ``tau2`` of the sites."""
+    A = gram.copy()
+    fixed, sites = np.arange(p), np.arange(p, gram.shape[1])
+    A[:, fixed, fixed] += pen
+    A[:, sites, sites] += (1.0 / tau2)[:, None]
     return _spd_inverse(A)
 
 
@@ -403,12 +409,8 @@ def _mixed_model(F, Z, y, w, pen, em_iter):
         em_iter = 1
     gram = _weighted_grams(X, w)  # [D, P, P]: X^T diag(w_j) X
     rhs = (X.T @ (w * y)).T  # [D, P]
-    fixed, sites = np.arange(p), np.arange(p, p + k)
     for _ in range(em_iter):
-        A = gram.copy()
-        A[:, fixed, fixed] += pen
-        A[:, sites, sites] += (1.0 / tau2)[:, None]
-        inv = _spd_inverse(A)
+        inv = _gram_posterior(gram, pen, tau2, p)
         theta = np.einsum("dij,dj->di", inv, rhs)
         beta, u = theta[:, :p].T, theta[:, p:].T
         if k:
