@@ -104,6 +104,12 @@ def test_state_round_trips_exactly(truth):
     plain = np.sqrt(np.exp(np.clip(old._fixed_design(age, sex) @ old.gamma_ + old.v_[site], *LOGVAR_RANGE))
                     + old.u_var_[site])
     np.testing.assert_allclose(old.location_scale(age, sex, site)[1], plain)
+    # their config has no penalty: their curves were fitted with a ridge, which their refits keep
+    data = stage.to_dict()
+    del data["config"]["penalty"]
+    earlier = LocationScaleStage.from_dict(data, stage.posterior_arrays())
+    assert earlier.config.penalty == "ridge" and stage.config.penalty == "difference"
+    np.testing.assert_array_equal(earlier.location_scale(age, sex, site)[1], a[1])
 
 
 def test_an_idp_that_is_mostly_zero_keeps_the_fit_finite(truth):
@@ -156,12 +162,13 @@ def _small_sites(n_per, seed, n_idps=40, n_sites=12):
 def test_new_people_get_the_posterior_predictive_spread(n_per):
     """Sites of 5 and 20 people: a new person's residual has variance 1 and 95% of them lie in +-1.96,
     because the scale carries what the fit does not know (the plug-in scale of the noise and the site's
-    location alone gave a mean square of 2.1 and a coverage of 0.85 with 5 people per site)."""
+    location alone gave a mean square of 1.6 and a coverage of 0.88 with 5 people per site, 1.16 and 0.93
+    with 20; the predictive scale 1.04 and 0.94 with either)."""
     train, new = _small_sites(n_per, seed=0)
     for name, stage in [("predictive", LocationScaleStage()),
                         ("plug-in", LocationScaleStage(LocationScaleConfig(parameter_uncertainty=False)))]:
         r = stage.fit(*train, n_sites=12).standardise(*new)
-        ok = 0.9 < np.mean(r**2) < 1.2 and 0.93 < np.mean(np.abs(r) < 1.959964) < 0.96
+        ok = 0.9 < np.mean(r**2) < 1.1 and 0.937 < np.mean(np.abs(r) < 1.959964) < 0.96
         assert ok == (name == "predictive"), (name, np.mean(r**2), np.mean(np.abs(r) < 1.959964))
 
 
@@ -180,3 +187,38 @@ def test_beyond_the_training_ages_the_spread_is_the_edges():
     np.testing.assert_allclose(scale[2:], np.broadcast_to(scale[1], (2, scale.shape[1])), rtol=1e-12)
     slope = loc[3] - loc[2]  # per unit of age beyond the edge: the location is linear there
     np.testing.assert_allclose(loc[2] - loc[1], (3.0 - ages[1, 0]) * slope, atol=1e-9)
+
+
+def test_the_curve_is_not_pulled_towards_a_level_at_the_ends_of_the_ages():
+    """A steep age trend with few people at the ends of the range (40 IDPs, 300 people, 10 sites): the
+    fitted location and spread at the oldest and youngest ages match the truth. A ridge on the spline's
+    coefficients pulls the curve towards the youngest age's level (its basis drops that function), which
+    put the location 1.1 to 2.2 residual SDs off at the ends and the scale 3 times too wide at the
+    youngest; the default penalises the curve's bending only."""
+    rng = np.random.default_rng(0)
+    n, d, k = 300, 40, 10
+    age = (rng.beta(2, 2, n) * 4 - 2)[:, None]
+    sex, site = rng.integers(0, 2, (n, 1)), rng.integers(0, k, n)
+    slope, spread = rng.uniform(1, 2, d), rng.uniform(0.3, 0.6, d)
+    y = age * slope + rng.normal(0, 0.3, (k, d))[site] + np.exp(spread * age) * rng.standard_normal((n, d))
+    ends = np.array([[-1.9], [1.9]])
+    for penalty in ("difference", "ridge"):
+        stage = LocationScaleStage(LocationScaleConfig(penalty=penalty)).fit(age, sex, site, y, n_sites=k)
+        loc, scale = stage.location_scale(ends, np.zeros((2, 1), dtype=int), np.full(2, -1))
+        loc_error = np.abs((loc - ends * slope).mean(axis=1))
+        scale_error = np.abs(np.log(scale / np.exp(ends * spread)).mean(axis=1))
+        ok = np.all(loc_error < 0.3) and np.all(scale_error < 0.3)
+        assert ok == (penalty == "difference"), (penalty, loc_error, scale_error)
+    assert LocationScaleConfig().penalty == "difference"
+
+
+def test_the_bending_penalty_leaves_straight_lines_free():
+    from normdiff_bids.model.location_scale import _difference_penalty
+
+    knots, degree = np.quantile(np.random.default_rng(1).normal(size=200), np.linspace(0, 1, 5)), 3
+    t = np.concatenate([[knots[0]] * degree, knots, [knots[-1]] * degree])
+    greville = np.array([t[i + 1:i + degree + 1].mean() for i in range(len(t) - degree - 1)])
+    pen = _difference_penalty(knots, degree)
+    line = greville[1:] - greville[0]  # the coefficients of f(x) = x, relative to the intercept's
+    bent = greville[1:] ** 2 - greville[0] ** 2
+    assert abs(line @ pen @ line) < 1e-9 * (bent @ pen @ bent) and bent @ pen @ bent > 0

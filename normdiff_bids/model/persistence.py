@@ -95,6 +95,8 @@ class _PersistenceMixin:
                 "site_effects": "partially pooled (empirical-Bayes random effects in location and spread)",
                 "scale": ("posterior predictive (the fit's uncertainty in location and spread included)"
                           if self.stage_.has_parameter_variance else "plug-in"),
+                "curve_penalty": {"difference": "bending (second differences of the spline)",
+                                  "ridge": "ridge on the spline coefficients"}[self.stage_.config.penalty],
                 "network_covariates": self._model_space().network_schema().names}),
             "calibration": (None if self.calibration_ is None else {
                 "method": "split-conformal maps from cross-fitted reference controls (pooled over IDPs, "
