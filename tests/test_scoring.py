@@ -156,8 +156,9 @@ def test_ledoit_wolf_floor_shrinks_at_least_that_far_towards_the_identity():
 def test_model_shrinkage_vanishes_for_large_cohorts_and_is_capped():
     assert model_shrinkage(20, 6000) == pytest.approx(20 / 6000)
     assert model_shrinkage(100, 216) == pytest.approx(100 / 216)
-    assert model_shrinkage(150, 216) == MAX_MODEL_SHRINKAGE == 0.5
-    assert model_shrinkage(212, 0) == 0.5
+    assert model_shrinkage(150, 216) == pytest.approx(150 / 216)
+    assert model_shrinkage(200, 200) == MAX_MODEL_SHRINKAGE == 0.9
+    assert model_shrinkage(212, 0) == 0.9
 
 
 def test_leave_one_out_normal_scores_are_standard_normal_like():

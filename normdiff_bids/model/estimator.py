@@ -191,7 +191,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         Least shrinkage towards the identity of the covariance under which the joint deviation measures a
         subject's distance (:mod:`~normdiff_bids.scoring.joint`): the dependence between IDPs that the
         model learnt from few people per IDP is rough, and a distance under a rough covariance makes new
-        people look atypical. ``"auto"``: ``min(0.5, D / N)`` for D IDPs learnt from N training rows
+        people look atypical. ``"auto"``: ``min(0.9, D / N)`` for D IDPs learnt from N training rows
         (:func:`~normdiff_bids.scoring.joint.model_shrinkage`); 0: the model's own dependence, with
         Ledoit-Wolf's shrinkage only. Set at ``fit`` (``joint_shrinkage_``; the calibration layer's
         joint map is learnt with it).
