@@ -178,12 +178,13 @@ COLUMNS = ["|c-truth|", "|cov95-.95|", "PIT-KS", "worst site", "joint KS", ">.95
            "score s"]
 
 
-def split_means(results, splits) -> list:
-    """One entry per real IDP set: each method's metrics averaged over the splits ``splits``."""
+def split_means(results, sets, splits) -> list:
+    """One entry per real IDP set: each method's metrics averaged over the splits ``splits``.
+
+    ``sets[i]`` names the IDP set whose split ``results[i]`` is (``None``: a synthetic cohort)."""
     groups: dict[str, list] = {}
-    for data, rows, _ in results:
-        base, sep, _ = data.name.rpartition(", split ")
-        if sep and data.truth is None:
+    for (_, rows, _), base in zip(results, sets):
+        if base is not None:
             groups.setdefault(base, []).append(rows)
     out = []
     for base, runs in groups.items():
@@ -249,17 +250,18 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     cells = ([tuple(int(v) for v in c.split("x")) for c in args.cells] if args.cells is not None
              else QUICK if args.quick else GRID)
-    datasets = [synthetic(n, d, args.seed) for n, d in cells]
+    datasets = [(*synthetic(n, d, args.seed), None) for n, d in cells]  # (data, generator, real set)
     splits = args.split_seeds or [args.seed]
     if args.real is not None:
         for idp_set in args.idp_sets:
             for split in splits:
                 data = peers.real_dataset(args.real, idp_set, split)
+                base = data.name
                 if len(splits) > 1:
                     data.name = f"{data.name}, split {split}"
-                datasets.append((data, None))
+                datasets.append((data, None, base))
     results = []
-    for data, gen in datasets:
+    for data, gen, _ in datasets:
         print(f"# {data.name}: " + "; ".join(data.notes), file=sys.stderr, flush=True)
         rows = []
         pcn_args = argparse.Namespace(**{**vars(args), "n_samples": args.n_samples_pcn})
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
             print(f"  {name}: {row}", file=sys.stderr, flush=True)
         results.append((data, rows, mc_floor(args.n_samples)))
     if len(splits) > 1:
-        results += split_means(results, splits)
+        results += split_means(results, [base for _, _, base in datasets], splits)
     print(format_table(results))
     return 0
 
