@@ -213,10 +213,10 @@ def test_the_curve_is_not_pulled_towards_a_level_at_the_ends_of_the_ages():
 
 
 def test_the_bending_penalty_leaves_straight_lines_free():
-    from normdiff_bids.model.location_scale import _difference_penalty
+    from normdiff_bids.model.location_scale import _difference_penalty, _knot_vector
 
     knots, degree = np.quantile(np.random.default_rng(1).normal(size=200), np.linspace(0, 1, 5)), 3
-    t = np.concatenate([[knots[0]] * degree, knots, [knots[-1]] * degree])
+    t = _knot_vector(knots, degree)
     greville = np.array([t[i + 1:i + degree + 1].mean() for i in range(len(t) - degree - 1)])
     pen = _difference_penalty(knots, degree)
     line = greville[1:] - greville[0]  # the coefficients of f(x) = x, relative to the intercept's

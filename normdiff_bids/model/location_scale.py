@@ -53,8 +53,9 @@ MAX_WORKING_STEP = 20.0
 #: Smallest prior variance of a new site's location effect (as a share of the residual variance) and of
 #: its log-variance effect, in :meth:`LocationScaleStage.site_effects`.
 NEW_SITE_PRIOR = (0.25, 0.09)
-#: Penalties of the spline coefficients (:class:`LocationScaleConfig`).
-PENALTIES = ("difference", "ridge")
+#: Penalties of the spline coefficients (:class:`LocationScaleConfig`), as the model card names them.
+PENALTIES = {"difference": "bending (second differences of the spline)",
+             "ridge": "ridge on the spline coefficients"}
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class LocationScaleConfig:
 
     def __post_init__(self):
         if self.penalty not in PENALTIES:
-            raise ValueError(f"LocationScaleConfig.penalty must be one of {PENALTIES}, got {self.penalty!r}")
+            raise ValueError(f"LocationScaleConfig.penalty must be one of {tuple(PENALTIES)}, got "
+                             f"{self.penalty!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,11 +133,10 @@ class LocationScaleStage:
             return pen
         col = 1
         for knots in self.knots_:
-            width = _bspline(knots[:1], knots, cfg.degree).shape[1]
-            if width:
-                block = slice(col, col + width)
-                pen[block, block] = cfg.ridge * _difference_penalty(knots, cfg.degree)
-            col += width
+            bend = _difference_penalty(knots, cfg.degree)
+            block = slice(col, col + len(bend))
+            pen[block, block] = cfg.ridge * bend
+            col += len(bend)
         return pen
 
     # ------------------------------------------------------------------ fit
@@ -494,8 +495,11 @@ def _is_positive_definite(a: np.ndarray) -> bool:
 def _difference_penalty(knots: np.ndarray, degree: int) -> np.ndarray:
     """``D' D`` for the second divided differences of a B-spline's coefficients over their Greville
     abscissae, on the basis :func:`_bspline` keeps (the first coefficient is the intercept's, 0 here):
-    it penalises the curve's bending, not its level or slope."""
-    t = np.concatenate([[knots[0]] * degree, knots, [knots[-1]] * degree])
+    it penalises the curve's bending, not its level or slope. Empty where the basis is (a constant
+    covariate)."""
+    if knots[-1] <= knots[0]:
+        return np.empty((0, 0))
+    t = _knot_vector(knots, degree)
     n_basis = len(t) - degree - 1
     g = np.array([t[i + 1:i + degree + 1].mean() for i in range(n_basis)])
     gap = np.diff(g)
@@ -506,6 +510,11 @@ def _difference_penalty(knots: np.ndarray, degree: int) -> np.ndarray:
     return D[:, 1:].T @ D[:, 1:]
 
 
+def _knot_vector(knots: np.ndarray, degree: int) -> np.ndarray:
+    """The B-spline knot vector of :func:`_bspline`: ``knots`` with the boundary ones repeated."""
+    return np.concatenate([[knots[0]] * degree, knots, [knots[-1]] * degree])
+
+
 def _bspline(x: np.ndarray, knots: np.ndarray, degree: int) -> np.ndarray:
     """Cubic B-spline basis on ``knots`` (boundary knots repeated), linear beyond the boundary; the first
     basis function is dropped (the intercept carries it)."""
@@ -514,7 +523,7 @@ def _bspline(x: np.ndarray, knots: np.ndarray, degree: int) -> np.ndarray:
     lo, hi = float(knots[0]), float(knots[-1])
     if hi <= lo:
         return np.empty((len(x), 0))
-    t = np.concatenate([[lo] * degree, knots, [hi] * degree])
+    t = _knot_vector(knots, degree)
     n_basis = len(t) - degree - 1
     inside = np.clip(x, lo, hi)
     basis = BSpline.design_matrix(inside, t, degree).toarray()

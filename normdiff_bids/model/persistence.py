@@ -20,7 +20,7 @@ from normdiff_bids.model.backbones import get_spec
 from normdiff_bids.model.bundle import BundleError, check_params, load_bundle, save_bundle
 from normdiff_bids.model.covariates import CovariateEncoderConfig, CovariateSchema
 from normdiff_bids.model.draw_table import DrawTable
-from normdiff_bids.model.location_scale import LocationScaleStage
+from normdiff_bids.model.location_scale import PENALTIES, LocationScaleStage
 from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.model.schedule import DiffusionConfig
 from normdiff_bids.scoring.conformal import CentileCalibration
@@ -95,8 +95,7 @@ class _PersistenceMixin:
                 "site_effects": "partially pooled (empirical-Bayes random effects in location and spread)",
                 "scale": ("posterior predictive (the fit's uncertainty in location and spread included)"
                           if self.stage_.has_parameter_variance else "plug-in"),
-                "curve_penalty": {"difference": "bending (second differences of the spline)",
-                                  "ridge": "ridge on the spline coefficients"}[self.stage_.config.penalty],
+                "curve_penalty": PENALTIES[self.stage_.config.penalty],
                 "network_covariates": self._model_space().network_schema().names}),
             "calibration": (None if self.calibration_ is None else {
                 "method": "split-conformal maps from cross-fitted reference controls (pooled over IDPs, "
