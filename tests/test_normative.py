@@ -330,6 +330,30 @@ def test_paper_preset_and_ema_options_run(train, test):
     assert e.training_summary_["n_validation"] == 0 and e.training_summary_["checkpoint"] == "final"
 
 
+def test_the_weight_average_forgets_the_initial_weights_within_a_short_fit():
+    from normdiff_bids.model.training import _EMA
+
+    net = torch.nn.Linear(3, 2)
+    ema = _EMA(net, 0.999)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)  # the trained weights, 1 away from the initial ones
+    trained = [p.detach().clone() for p in net.parameters()]
+    for _ in range(20):  # a small cohort: one optimiser step per epoch
+        ema.update(net)
+    gap = max(float((s - t).abs().max()) for s, t in zip(ema.shadow.parameters(), trained))
+    assert gap < 1e-3  # a fixed 0.999 keeps 0.999^20 = 98% of the initial weights
+    for _ in range(10000):  # long fits average over the last 1 / (1 - decay) steps, as asked
+        ema.update(net)
+    before = [s.detach().clone() for s in ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)
+    step = [float((s - b).mean()) for s, b in zip(ema.shadow.parameters(), before)]
+    assert np.allclose(step, 0.001, rtol=1e-3, atol=0)
+
+
 def test_quantile_normal_preprocessing_round_trips(train, test, tmp_path):
     m = tiny_model(preprocessing="quantile-normal", epochs=2).fit(train)
     scores = m.score(test)

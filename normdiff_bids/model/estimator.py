@@ -137,7 +137,8 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         no early stopping, final checkpoint, LR plateau on the training loss.
     ema_decay : float or None
         Keep an exponential moving average of the weights (e.g. 0.999) and use it for validation,
-        the best checkpoint and sampling.
+        the best checkpoint and sampling. Its decay warms up as ``min(decay, (1 + t) / (10 + t))``
+        over the first updates, so short fits do not keep their initial weights.
     patience : int or None
         Early-stopping patience in epochs; ``None``: ``max(25, epochs // 16)``.
     covariate_grid : "auto" | "off"
