@@ -8,6 +8,8 @@ scale effects of a fraction of an SD; 600 held-out people. Real data: fcon1000 (
 Rows per cohort:
 - ``ours``: the default model (two-stage, with the calibration layer), and the same fit with the layer
   switched off (no refit: the layer is applied at scoring time);
+- ``ours, 3 networks`` (``--methods ours-3``): the same with ``n_networks=3``, the draws of three
+  networks pooled;
 - ``ours, site embedding``: the earlier design (diffusion on the IDPs, site as a learned embedding;
   ``location_scale="off"``), with ``--legacy``;
 - peers: the per-IDP Gaussian spline baseline, PCNtoolkit BLR and BLR + SHASH warp (one BLAS thread);
@@ -133,6 +135,8 @@ def run_ours(data: Dataset, args, **params) -> list[tuple[str, dict]]:
         model.fit(data.train[[*COVARIATES, *data.idps]], idps=data.idps)
     fit_s = time.perf_counter() - start
     label = "ours" if params.get("location_scale", "pooled") != "off" else "ours, site embedding"
+    if params.get("n_networks", 1) > 1:
+        label = f"ours, {params['n_networks']} networks"
     rows = []
     test = data.test
     if "participant_id" not in test.columns:  # fcon1000 names its people sub_id
@@ -231,7 +235,8 @@ def parse_args(argv=None):
                    help="real data: the 70/30 splits to run (default: --seed); with several, each "
                         "split's rows and then their mean (the model's seed stays --seed)")
     p.add_argument("--methods", default="ours,gauss-spline,pcn-blr,pcn-blr-shash,oracle",
-                   help="comma list of ours, legacy, gauss-spline, pcn-blr, pcn-blr-shash, oracle")
+                   help="comma list of ours, ours-3 (three networks), legacy, gauss-spline, pcn-blr, "
+                        "pcn-blr-shash, oracle")
     p.add_argument("--n-samples", type=int, default=1000, help="our draws per covariate point")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pcn-python", default=os.environ.get("NORMDIFF_PCN_PYTHON", sys.executable))
@@ -267,6 +272,8 @@ def main(argv=None) -> int:
         pcn_args = argparse.Namespace(**{**vars(args), "n_samples": args.n_samples_pcn})
         if "ours" in methods:
             rows += run_ours(data, args)
+        if "ours-3" in methods:
+            rows += run_ours(data, args, n_networks=3)
         if "legacy" in methods:
             rows += run_ours(data, args, location_scale="off", calibration="off")
         for method in ("gauss-spline", "pcn-blr", "pcn-blr-shash"):

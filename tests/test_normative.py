@@ -354,6 +354,35 @@ def test_the_weight_average_forgets_the_initial_weights_within_a_short_fit():
     assert np.allclose(step, 0.001, rtol=1e-3, atol=0)
 
 
+def test_several_networks_share_their_validation_rows_and_split_each_points_draws(model, train, test,
+                                                                                   tmp_path):
+    pooled = tiny_model(n_networks=2).fit(train)
+    first, second = pooled.network_
+    # the first network is the one-network model's (same seed, rows and validation split); the second
+    # has a seed of its own and the same validation rows
+    for a, b in zip(first.state_dict().values(), model.network_.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not all(torch.equal(a, b) for a, b in zip(second.state_dict().values(),
+                                                     first.state_dict().values()))
+    nets = pooled.training_summary_["networks"]
+    assert len(nets) == 2 and nets[0]["n_validation"] == nets[1]["n_validation"] > 0
+    second_settings = pooled._training_settings(1)
+    assert (second_settings.seed, second_settings.split_seed) == (pooled.seed + 100, pooled.seed)
+    assert pooled.model_card()["n_networks"] == 2 and model.model_card()["n_networks"] == 1
+    # a point's first half of draws comes from the first network, from the one-network model's noise:
+    # the same order within each IDP, whatever the other half
+    one, two = model.sample(test.iloc[:3], n_samples=64), pooled.sample(test.iloc[:3], n_samples=64)
+    np.testing.assert_array_equal(np.argsort(one[:, :32], axis=1), np.argsort(two[:, :32], axis=1))
+    assert not np.array_equal(np.argsort(one[:, 32:], axis=1), np.argsort(two[:, 32:], axis=1))
+    scores = pooled.score(test)
+    pooled.save(tmp_path / "pooled")
+    loaded = load_model(tmp_path / "pooled")
+    pd.testing.assert_frame_equal(loaded.score(test), scores)  # from the draw table
+    loaded.set_params(draw_table="off")
+    pd.testing.assert_frame_equal(loaded.score(test), scores)  # both networks rebuilt from the bundle
+    assert isinstance(loaded.network_, torch.nn.ModuleList) and len(loaded.network_) == 2
+
+
 def test_quantile_normal_preprocessing_round_trips(train, test, tmp_path):
     m = tiny_model(preprocessing="quantile-normal", epochs=2).fit(train)
     scores = m.score(test)

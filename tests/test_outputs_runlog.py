@@ -75,6 +75,9 @@ def test_the_methods_text_describes_the_model_and_cites_what_it_used():
     assert cited == defined == {"normdiff_bids", *REFERENCES}
     assert bib.count("{") == bib.count("}")
     assert "version = {9.9.9}" in bib and "eprint = {2602.04886}" in bib
+    assert "networks were trained" not in text
+    pooled = methods_text({**CARD, "n_networks": 3}, VERSIONS)
+    assert "3 such networks were trained with different random seeds" in pooled
 
 
 def test_without_a_model_an_earlier_methods_text_is_kept(tmp_path):

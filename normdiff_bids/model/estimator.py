@@ -29,6 +29,7 @@ from normdiff_bids.model.backbones import backbone_names, get_spec
 from normdiff_bids.model.calibration import fit_calibration
 from normdiff_bids.model.covariates import CovariateEncoderConfig, CovariateSchema
 from normdiff_bids.model.draw_table import MAX_TABLE_BYTES, DrawTable, grid_points
+from normdiff_bids.model.ensemble import member_seed, members, module_list
 from normdiff_bids.model.location_scale import LocationScaleStage
 from normdiff_bids.model.model_space import ModelSpace
 from normdiff_bids.model.persistence import _PersistenceMixin, load_model
@@ -77,6 +78,7 @@ PARAMETER_CONSTRAINTS = {
     "missing_idps": P.one_of(("use", "drop"), "choose 'use' or 'drop'"),
     "covariate_kinds": P.Constraint(lambda v: v is None or isinstance(v, Mapping),
                                     "None or a mapping {covariate: 'continuous' | 'categorical'}"),
+    "n_networks": P.whole_number(1, "a positive integer (1, or e.g. 3 to pool the draws of three networks)"),
     "joint_shrinkage": P.Constraint(
         lambda v: v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1),
         "'auto' or a number from 0 to 1"),
@@ -196,6 +198,13 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         (:func:`~normdiff_bids.scoring.joint.model_shrinkage`); 0: the model's own dependence, with
         Ledoit-Wolf's shrinkage only. Set at ``fit`` (``joint_shrinkage_``; the calibration layer's
         joint map is learnt with it).
+    n_networks : int
+        Denoising networks trained on the same rows (seeds ``seed``, ``seed + 100``, ...; the same
+        validation rows), whose draws are pooled: each point's ``n_samples`` draws are split between
+        them. One network's errors in the dependence between IDPs are its own, and they decide the joint
+        deviation's calibration where no joint map is learnt; pooling several averages them out, at
+        ``n_networks`` times the training time (``docs/method.md``, "Several networks"). 1 (the
+        default): one network, as earlier versions.
     """
 
     def __init__(self, backbone: str = "film-mlp", covariates: Sequence[str] = ("age", "sex", "site"),
@@ -210,7 +219,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
                  location_scale: str = "pooled", calibration: str = "conformal",
                  site_covariate: str | None = "site", draw_table: str = "auto", missing_idps: str = "use",
                  verbose: bool = True, covariate_kinds: Mapping[str, str] | None = None,
-                 joint_shrinkage: float | str = "auto"):
+                 joint_shrinkage: float | str = "auto", n_networks: int = 1):
         self.backbone = backbone
         self.covariates = covariates
         self.seed = seed
@@ -240,6 +249,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         self.verbose = verbose
         self.covariate_kinds = covariate_kinds
         self.joint_shrinkage = joint_shrinkage
+        self.n_networks = n_networks
 
     # ------------------------------------------------------------------ sklearn conventions
     @classmethod
@@ -286,7 +296,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         if self.epochs is not None:
             return int(self.epochs)
         rule = self._backbone_preset().epochs
-        return int(rule(self.backbone_config_, n_train, self.n_features_in_, self.encoder_.cond_dim,
+        return int(rule(self.backbone_config_, n_train, self.n_features_in_, self._members()[0][0].cond_dim,
                         self._batch_size()))
 
     def _check_device(self) -> None:
@@ -362,14 +372,17 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         device = self._torch_device()
         self._build(space.network_schema(), n_rows=len(x), device=device)
         try:
-            history, summary = train_denoiser(self.encoder_, self.network_, self._diffusion,
-                                              x_model.astype(np.float32), cont, space.network_cat(cat),
-                                              device, self._training_settings())
+            fitted = [train_denoiser(encoder, network, self._diffusion, x_model.astype(np.float32), cont,
+                                     space.network_cat(cat), device, self._training_settings(member))
+                      for member, (encoder, network) in enumerate(self._members())]
         except BaseException:
             # an interrupted or failed fit must not leave a model that looks fitted
             for name in ("encoder_", "network_"):
                 self.__dict__.pop(name, None)
             raise
+        history, summary = fitted[0]
+        if len(fitted) > 1:  # the first network's history and summary, and each network's own
+            summary = {**summary, "networks": [json_summary for _, json_summary in fitted]}
         self.history_ = history
         self.n_train_ = summary["n_train"]
         self.joint_shrinkage_ = (model_shrinkage(self.n_features_in_, self.n_train_)
@@ -414,21 +427,28 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         self.diffusion_config_ = DiffusionConfig.from_dict({**self._preset()["diffusion"],
                                                             **dict(self.diffusion_config or {})})
         self.encoder_config_ = CovariateEncoderConfig(**dict(self.encoder_config or {}))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(int(self.seed))
-            encoder = CovariateEncoder(schema, self.encoder_config_)
-            net = spec.module(self.n_features_in_, encoder.cond_dim, self.backbone_config_)
-        self.encoder_ = encoder.to(device)
-        self.network_ = net.to(device)
+        encoders, networks = [], []
+        for member in range(int(self.n_networks)):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(member_seed(int(self.seed), member))
+                encoder = CovariateEncoder(schema, self.encoder_config_)
+                encoders.append(encoder)
+                networks.append(spec.module(self.n_features_in_, encoder.cond_dim, self.backbone_config_))
+        self.encoder_, self.network_ = (module_list(modules).to(device) for modules in (encoders, networks))
         self._diffusion = GaussianDiffusion(self.diffusion_config_)
 
-    def _training_settings(self) -> TrainingSettings:
+    def _members(self) -> list[tuple]:
+        """``[(encoder, network), ...]``: one pair per network of the model."""
+        return members(self.encoder_, self.network_)
+
+    def _training_settings(self, member: int = 0) -> TrainingSettings:
         from normdiff_bids.model.training import TrainingSettings
 
         preset = self._preset()
         lr = self.lr if self.lr is not None else self._backbone_preset().lr
         return TrainingSettings(
-            seed=int(self.seed), validation_fraction=self.validation_fraction,
+            seed=member_seed(int(self.seed), member), split_seed=int(self.seed),
+            validation_fraction=self.validation_fraction,
             epoch_budget=self._epoch_budget,
             lr=float(lr), batch_size=self._batch_size(), patience=self.patience, ema_decay=self.ema_decay,
             early_stopping=preset["early_stopping"], plateau_on=preset["plateau_on"],

@@ -20,6 +20,7 @@ from normdiff_bids.model.backbones import get_spec
 from normdiff_bids.model.bundle import BundleError, check_params, load_bundle, save_bundle
 from normdiff_bids.model.covariates import CovariateEncoderConfig, CovariateSchema
 from normdiff_bids.model.draw_table import DrawTable
+from normdiff_bids.model.ensemble import module_list
 from normdiff_bids.model.location_scale import PENALTIES, LocationScaleStage
 from normdiff_bids.model.preprocess import IDPScaler
 from normdiff_bids.model.schedule import DiffusionConfig
@@ -107,6 +108,7 @@ class _PersistenceMixin:
                                              "model's draws",
                                 "covariance_shrinkage_floor": float(getattr(self, "joint_shrinkage_", 0.0))},
             "draw_table": self._draw_table_card(),
+            "n_networks": int(self.n_networks),
             "n_train": int(self.n_train_),
             "training_summary": json_ready(self.training_summary_),
             "seed": int(self.seed),
@@ -254,8 +256,10 @@ def _build_network(model) -> None:
     try:
         spec = get_spec(model.backbone)
         config = spec.config.from_dict(unbuilt.backbone_config)
-        encoder = CovariateEncoder(model._model_space().network_schema(), model.encoder_config_)
-        network = spec.module(model.n_features_in_, encoder.cond_dim, config)
+        encoders = [CovariateEncoder(model._model_space().network_schema(), model.encoder_config_)
+                    for _ in range(int(model.n_networks))]
+        encoder = module_list(encoders)
+        network = module_list([spec.module(model.n_features_in_, e.cond_dim, config) for e in encoders])
         weights = {k: torch.from_numpy(np.array(v)) for k, v in unbuilt.weights.items()}
         encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
         network.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("network.")})

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from normdiff_bids.model.ensemble import members, sample_blocks
 from normdiff_bids.progress import progress
 from normdiff_bids.scoring.centiles import interpolate_quantile_functions
 from normdiff_bids.scoring.conditional import PointDraws
@@ -241,18 +242,25 @@ class Drawer:
                         generator=torch.Generator().manual_seed(point_seed(self.seed, points_cont[i],
                                                                            points_cat[i])))
             for i in padded], dim=1).to(device)
-        with torch.no_grad():
-            cond = encoder(torch.from_numpy(points_cont[padded]).to(device),
-                           torch.from_numpy(points_cat[padded]).to(device))
-            x0 = diffusion.sample(network, cond, noise, sampler=self.sampler, steps=self.steps)
-        drawn = x0[: len(points)].float().cpu().numpy()
+        cont = torch.from_numpy(points_cont[padded]).to(device)
+        cat = torch.from_numpy(points_cat[padded]).to(device)
+        pairs = members(encoder, network)
+        drawn = np.empty((len(points), n_samples, d), dtype=np.float32)
+        for (member_encoder, member_network), block in zip(pairs, sample_blocks(n_samples, len(pairs))):
+            # each network draws its block of every point's draws, from that block of the same noise
+            with torch.no_grad():
+                x0 = diffusion.sample(member_network, member_encoder(cont, cat),
+                                      noise[:, :, block].contiguous(), sampler=self.sampler, steps=self.steps)
+            drawn[:, block] = x0[: len(points)].float().cpu().numpy()
         if not np.isfinite(drawn).all():
             raise RuntimeError("the model produced non-finite samples; the fit diverged or the "
                                "sampler is unstable for this diffusion setting")
-        if self.standardise:
-            sd = drawn.std(axis=1, keepdims=True, dtype=np.float64)
-            drawn = ((drawn - drawn.mean(axis=1, keepdims=True, dtype=np.float64))
-                     / np.maximum(sd, 1e-12)).astype(np.float32)
+        if self.standardise:  # each network's block on its own, so the pool is standardised too
+            for block in sample_blocks(n_samples, len(pairs)):
+                part = drawn[:, block]
+                sd = part.std(axis=1, keepdims=True, dtype=np.float64)
+                drawn[:, block] = ((part - part.mean(axis=1, keepdims=True, dtype=np.float64))
+                                   / np.maximum(sd, 1e-12)).astype(np.float32)
         return drawn
 
 

@@ -49,6 +49,9 @@ class TrainingSettings:
     plateau_on: str
     plateau_patience: int | None
     verbose: bool
+    #: The seed of the validation split when it is not ``seed`` (the members of an ensemble share the
+    #: first member's split, so that the calibration layer's unseen rows are unseen by every network).
+    split_seed: int | None = None
 
 
 def validation_split(n: int, fraction: float, seed: int, generator: torch.Generator | None = None):
@@ -76,7 +79,10 @@ def train_denoiser(encoder: nn.Module, network: nn.Module, diffusion, x: np.ndar
     seed = int(settings.seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(x)
-    val_idx, train_idx = validation_split(n, settings.validation_fraction, seed, generator=gen)
+    if settings.split_seed is None or int(settings.split_seed) == seed:
+        val_idx, train_idx = validation_split(n, settings.validation_fraction, seed, generator=gen)
+    else:
+        val_idx, train_idx = validation_split(n, settings.validation_fraction, int(settings.split_seed))
     n_val = len(val_idx)
     to = lambda a, idx: torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)  # noqa: E731
     x_tr, cont_tr, cat_tr = to(x, train_idx), to(cont, train_idx), to(cat, train_idx)

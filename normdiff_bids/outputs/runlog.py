@@ -249,6 +249,10 @@ def _model_sentences(card: Mapping) -> list[str]:
     else:
         out.append(f"A conditional denoising diffusion probabilistic model with a {network} denoising "
                    f"network learnt their joint distribution given the covariates.")
+    n_networks = card.get("n_networks")
+    if isinstance(n_networks, int) and n_networks > 1:
+        out.append(f"{n_networks} such networks were trained with different random seeds on the same "
+                   "observations, and each participant's samples were split equally between them.")
     calibration = card.get("calibration")
     if isinstance(calibration, Mapping) and calibration.get("applied"):
         method = calibration.get("method", "split-conformal calibration")
