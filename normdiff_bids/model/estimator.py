@@ -382,7 +382,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
             raise
         history, summary = fitted[0]
         if len(fitted) > 1:  # the first network's history and summary, and each network's own
-            summary = {**summary, "networks": [json_summary for _, json_summary in fitted]}
+            summary = {**summary, "networks": [each for _, each in fitted]}
         self.history_ = history
         self.n_train_ = summary["n_train"]
         self.joint_shrinkage_ = (model_shrinkage(self.n_features_in_, self.n_train_)
@@ -452,7 +452,8 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
             epoch_budget=self._epoch_budget,
             lr=float(lr), batch_size=self._batch_size(), patience=self.patience, ema_decay=self.ema_decay,
             early_stopping=preset["early_stopping"], plateau_on=preset["plateau_on"],
-            plateau_patience=preset["plateau_patience"], verbose=self.verbose)
+            plateau_patience=preset["plateau_patience"], verbose=self.verbose,
+            label=f"training network {member + 1}/{self.n_networks}" if self.n_networks > 1 else "training")
 
     # ------------------------------------------------------------------ fitted state and the draw table
     def _check_fitted(self) -> None:

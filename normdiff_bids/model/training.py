@@ -52,6 +52,8 @@ class TrainingSettings:
     #: The seed of the validation split when it is not ``seed`` (the members of an ensemble share the
     #: first member's split, so that the calibration layer's unseen rows are unseen by every network).
     split_seed: int | None = None
+    #: The progress bar's label.
+    label: str = "training"
 
 
 def validation_split(n: int, fraction: float, seed: int, generator: torch.Generator | None = None):
@@ -110,7 +112,8 @@ def train_denoiser(encoder: nn.Module, network: nn.Module, diffusion, x: np.ndar
     batch_counter = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + 1)  # dropout streams
-        bar = progress(range(epochs), total=epochs, desc="training", verbose=settings.verbose, unit="epoch")
+        bar = progress(range(epochs), total=epochs, desc=settings.label, verbose=settings.verbose,
+                       unit="epoch")
         for epoch in bar:
             modules.train()
             order = torch.randperm(n_train, generator=gen)
