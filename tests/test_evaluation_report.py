@@ -119,6 +119,21 @@ def test_report_says_plainly_when_the_joint_deviation_fails():
 
     assert card(0.05)["bad"] is False and card(0.05)["hint"].startswith("uniform")
     assert card(0.16)["bad"] is True and card(0.16)["hint"].startswith("FAILS")
+    assert "n_networks=3" not in card(0.16)["hint"]  # unknown what decided it: no advice
+
+
+def test_a_failing_joint_deviation_from_one_networks_draws_says_how_to_pool_several():
+    from normdiff_bids.evaluation.report import _cards
+
+    def hint(ks, **model):
+        results = {"joint_pit_ks": ks, "joint_pit_ks_critical": 0.076, "joint_share_95": 0.03,
+                   "joint_share_99": 0.0, "joint_n": 324, **model}
+        return next(c for c in _cards(results) if c["label"] == "PIT-KS of the joint deviation")["hint"]
+
+    assert "n_networks=3" in hint(0.107, joint_from_draws=True, n_networks=1)
+    assert "n_networks=3" not in hint(0.05, joint_from_draws=True, n_networks=1)  # it passes
+    assert "n_networks=3" not in hint(0.107, joint_from_draws=False, n_networks=1)  # a joint map decides
+    assert "n_networks=3" not in hint(0.107, joint_from_draws=True, n_networks=3)  # already pooled
 
 
 @pytest.mark.parametrize("n", [54, 1000])

@@ -38,6 +38,13 @@ _IDP_COLUMNS = [
 ]
 
 
+#: What the joint deviation's card adds when it fails and one network's draws alone decide it.
+JOINT_REMEDY = ("; with this few IDPs per training row the joint centile is taken among one network's "
+                "draws, whose dependence between IDPs varies from fit to fit: refit with n_networks=3 "
+                "(BIDS-App: --model-options '{\"n_networks\": 3}'), which pools three networks' draws at "
+                "about three times the training time")
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "n/a"
@@ -100,7 +107,8 @@ def _cards(results: dict) -> list[dict]:
                       "hint": ("FAILS: held-out joint centiles are not uniform; " if bad else "uniform: ")
                       + f"5% critical value {_fmt(get('joint_pit_ks_critical'))} at n = {get('joint_n')}; "
                         f"above 0.95: {_fmt(get('joint_share_95'))} (nominal 0.05), above 0.99: "
-                        f"{_fmt(get('joint_share_99'))} (0.01)"})
+                        f"{_fmt(get('joint_share_99'))} (0.01)"
+                      + (JOINT_REMEDY if bad and get("joint_from_draws") and get("n_networks") == 1 else "")})
     if get("ks_frac_reject") is not None:
         cards.append({"label": "KS tests rejected", "value": _fmt(get("ks_frac_reject")),
                       "bad": get("ks_frac_reject") > 0.1,
