@@ -374,6 +374,7 @@ def test_several_networks_share_their_validation_rows_and_split_each_points_draw
     one, two = model.sample(test.iloc[:3], n_samples=64), pooled.sample(test.iloc[:3], n_samples=64)
     np.testing.assert_array_equal(np.argsort(one[:, :32], axis=1), np.argsort(two[:, :32], axis=1))
     assert not np.array_equal(np.argsort(one[:, 32:], axis=1), np.argsort(two[:, 32:], axis=1))
+    assert np.isfinite(pooled.sample(test.iloc[:2], n_samples=1)).all()  # fewer draws than networks
     scores = pooled.score(test)
     pooled.save(tmp_path / "pooled")
     loaded = load_model(tmp_path / "pooled")

@@ -246,8 +246,11 @@ class Drawer:
         cat = torch.from_numpy(points_cat[padded]).to(device)
         pairs = members(encoder, network)
         drawn = np.empty((len(points), n_samples, d), dtype=np.float32)
-        for (member_encoder, member_network), block in zip(pairs, sample_blocks(n_samples, len(pairs))):
-            # each network draws its block of every point's draws, from that block of the same noise
+        # each network draws its block of every point's draws, from that block of the same noise (with
+        # fewer draws than networks, some blocks are empty and their networks draw nothing)
+        drawing = [(pair, block) for pair, block in zip(pairs, sample_blocks(n_samples, len(pairs)))
+                   if block.stop > block.start]
+        for (member_encoder, member_network), block in drawing:
             with torch.no_grad():
                 x0 = diffusion.sample(member_network, member_encoder(cont, cat),
                                       noise[:, :, block].contiguous(), sampler=self.sampler, steps=self.steps)
@@ -256,7 +259,7 @@ class Drawer:
             raise RuntimeError("the model produced non-finite samples; the fit diverged or the "
                                "sampler is unstable for this diffusion setting")
         if self.standardise:  # each network's block on its own, so the pool is standardised too
-            for block in sample_blocks(n_samples, len(pairs)):
+            for _, block in drawing:
                 part = drawn[:, block]
                 sd = part.std(axis=1, keepdims=True, dtype=np.float64)
                 drawn[:, block] = ((part - part.mean(axis=1, keepdims=True, dtype=np.float64))
