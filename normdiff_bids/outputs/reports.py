@@ -278,7 +278,8 @@ def calibration_fragment(html: str) -> Markup:
 #: Model-card fields shown first in the group report (the rest sit in a folded table).
 _CARD_HEADLINE = {
     "estimator", "backbone", "package_version", "version", "created", "n_train", "idps", "covariates",
-    "preprocessing", "sampler", "steps", "n_samples", "unknown_site", "seed", "training_summary.epochs_run",
+    "preprocessing", "sampler", "steps", "n_samples", "n_networks", "unknown_site", "seed",
+    "training_summary.epochs_run",
     "training_summary.stopped_early", "training_summary.best_val_loss", "training_summary.n_parameters",
     "training_summary.device", "training_summary.seconds",
 }
