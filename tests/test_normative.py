@@ -384,6 +384,20 @@ def test_several_networks_share_their_validation_rows_and_split_each_points_draw
     assert isinstance(loaded.network_, torch.nn.ModuleList) and len(loaded.network_) == 2
 
 
+def test_the_report_learns_from_the_model_whether_its_draws_alone_decide_the_joint_centile(model):
+    from normdiff_bids.evaluation.evaluate import joint_source
+
+    assert model.calibration_.joint.is_identity  # few IDPs per training row: no joint map
+    assert joint_source(model) == {"joint_from_draws": True, "n_networks": 1}
+    mapped = copy.copy(model)
+    mapped.calibration_ = copy.copy(model.calibration_)
+    mapped.calibration_.joint = ProbitMap(np.array([-1.0, 1.0]), np.array([-0.5, 1.5]))
+    assert joint_source(mapped)["joint_from_draws"] is False
+    mapped.calibration = "off"  # a layer switched off corrects nothing
+    assert joint_source(mapped)["joint_from_draws"] is True
+    assert joint_source(object()) == {}  # a model that does not say
+
+
 def test_quantile_normal_preprocessing_round_trips(train, test, tmp_path):
     m = tiny_model(preprocessing="quantile-normal", epochs=2).fit(train)
     scores = m.score(test)

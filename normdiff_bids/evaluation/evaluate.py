@@ -22,7 +22,6 @@ from normdiff_bids.evaluation.fidelity import ks_by_age_bin
 from normdiff_bids.evaluation.grouping import scalars
 from normdiff_bids.evaluation.memorisation import balance_by_age_sex, memorisation_ratio
 from normdiff_bids.evaluation.pit import pit_summary
-from normdiff_bids.model.calibration import JOINT_MAP_MIN_IDPS_PER_ROW
 
 #: Centiles drawn as curves in the calibration figures.
 CURVE_CENTILES = ACE_CENTILES
@@ -180,11 +179,18 @@ def joint_calibration(model, holdout: pd.DataFrame) -> dict:
            "joint_pit_ks_critical": float(1.358 / np.sqrt(len(joint))),
            "joint_share_95": float(np.mean(joint > 0.95)), "joint_share_99": float(np.mean(joint > 0.99)),
            "joint_n": int(len(joint))}
-    n_features, n_train = getattr(model, "n_features_in_", None), getattr(model, "n_train_", None)
-    if n_features and n_train:  # what decides the joint centile: the draws alone, or a joint map too
-        out["joint_from_draws"] = bool(n_features / n_train < JOINT_MAP_MIN_IDPS_PER_ROW)
-        out["n_networks"] = int(getattr(model, "n_networks", 1))
-    return out
+    return {**out, **joint_source(model)}
+
+
+def joint_source(model) -> dict:
+    """What decides a model's joint centile: ``joint_from_draws`` (no joint map of the applied
+    calibration layer corrects its draws' centile) and ``n_networks`` (whose draws they are); empty for
+    a model that does not say (e.g. an oracle)."""
+    calibrated = getattr(model, "_calibrated", None)
+    if not callable(calibrated) or not hasattr(model, "n_networks"):
+        return {}
+    layer = calibrated()
+    return {"joint_from_draws": layer is None or layer.joint.is_identity, "n_networks": int(model.n_networks)}
 
 
 def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int = 200, seed: int = 0,

@@ -39,8 +39,9 @@ _IDP_COLUMNS = [
 
 
 #: What the joint deviation's card adds when it fails and one network's draws alone decide it.
-JOINT_REMEDY = ("; with this few IDPs per training row the joint centile is taken among one network's "
-                "draws, whose dependence between IDPs varies from fit to fit: refit with n_networks=3 "
+JOINT_REMEDY = ("; no joint map corrects it (none is learnt below 0.2 IDPs per training row), so the "
+                "joint centile is taken among one network's draws, whose dependence between IDPs varies "
+                "from fit to fit: refit with n_networks=3 "
                 "(BIDS-App: --model-options '{\"n_networks\": 3}'), which pools three networks' draws at "
                 "about three times the training time")
 
