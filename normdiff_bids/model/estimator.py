@@ -371,9 +371,10 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         self.n_partial_ = n_partial
         device = self._torch_device()
         self._build(space.network_schema(), n_rows=len(x), device=device)
+        x_network, cat_network = x_model.astype(np.float32), space.network_cat(cat)
         try:
-            fitted = [train_denoiser(encoder, network, self._diffusion, x_model.astype(np.float32), cont,
-                                     space.network_cat(cat), device, self._training_settings(member))
+            fitted = [train_denoiser(encoder, network, self._diffusion, x_network, cont, cat_network, device,
+                                     self._training_settings(member))
                       for member, (encoder, network) in enumerate(self._members())]
         except BaseException:
             # an interrupted or failed fit must not leave a model that looks fitted
