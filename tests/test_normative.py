@@ -387,12 +387,13 @@ def test_several_networks_share_their_validation_rows_and_split_each_points_draw
 def test_the_report_learns_from_the_model_whether_its_draws_alone_decide_the_joint_centile(model):
     from normdiff_bids.evaluation.evaluate import joint_source
 
-    assert model.calibration_.joint.is_identity  # few IDPs per training row: no joint map
-    assert joint_source(model) == {"joint_from_draws": True, "n_networks": 1}
+    assert not model.calibration_.joint.is_identity  # the cross-fitted controls give the joint a map
+    assert joint_source(model) == {"joint_from_draws": False, "n_networks": 1}
+    unmapped = copy.copy(model)
+    unmapped.calibration_ = copy.copy(model.calibration_)
+    unmapped.calibration_.joint = ProbitMap()  # too few controls for a joint map
+    assert joint_source(unmapped)["joint_from_draws"] is True
     mapped = copy.copy(model)
-    mapped.calibration_ = copy.copy(model.calibration_)
-    mapped.calibration_.joint = ProbitMap(np.array([-1.0, 1.0]), np.array([-0.5, 1.5]))
-    assert joint_source(mapped)["joint_from_draws"] is False
     mapped.calibration = "off"  # a layer switched off corrects nothing
     assert joint_source(mapped)["joint_from_draws"] is True
     assert joint_source(object()) == {}  # a model that does not say
@@ -434,14 +435,36 @@ def test_an_age_outside_its_own_sites_range_is_extrapolated(one_thread, tmp_path
     assert saved.covariate_schema_.categorical[-1].ranges == model.covariate_schema_.categorical[-1].ranges
 
 
-def test_the_joint_map_is_learnt_only_with_many_idps_per_control(model, train):
-    # 3 IDPs from 400 rows: the model's draws calibrate the joint deviation, no map is learnt
-    assert model.calibration_.joint.is_identity
-    assert model.model_card()["calibration"]["joint_is_identity"]
-    # 8 IDPs from 40 rows (0.2 per row): the cross-fitted controls give the joint its map
+def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_rows(model, train, monkeypatch):
+    import normdiff_bids.model.calibration as calibration
+
+    # 3 IDPs from 400 rows: the map from the cross-fitted controls, lowered in probit by the in-sample
+    # bias of the network's training rows' dependence, as the seen rows' share of the map's rows
+    assert model.n_features_in_ / model.n_train_ < calibration.JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
+    assert not model.calibration_.joint.is_identity
+    assert not model.model_card()["calibration"]["joint_is_identity"]
+    space = model._model_space()
+    cont, cat = model.covariate_schema_.encode(train)
+    x = model.scaler_.transform(train[model.idps_].to_numpy(float))
+    refit = calibration.fit_calibration(model, space, x, cont, cat)
+    np.testing.assert_allclose(refit.joint.y, model.calibration_.joint.y)  # the fit's own layer
+    asked = []
+    monkeypatch.setattr(calibration, "insample_shift", lambda rows, floor: asked.append((rows, floor)) or 1.0)
+    unit = calibration.fit_calibration(model, space, x, cont, cat)
+    (rows, floor), = asked
+    n_seen = model.training_summary_["n_train"]
+    assert rows.shape == (n_seen, model.n_features_in_) and floor == model.joint_shrinkage_
+    np.testing.assert_allclose(unit.joint.x, refit.joint.x)
+    lowered = (unit.joint.y + 1.0 * n_seen / len(x)) - refit.joint.y  # the unshifted map less the shift
+    np.testing.assert_allclose(lowered, lowered[0])
+    assert lowered[0] > 0  # rows the network has seen look more typical than new people
+    # 8 IDPs from 40 rows (0.2 per row): the unseen rows check the map; no shift is computed
+    asked.clear()
     wide = SyntheticCohort(n_idps=8, n_sites=2, seed=0).sample(40, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         few = tiny_model().fit(wide)
-    assert few.n_features_in_ / few.n_train_ >= 0.2
-    assert not few.calibration_.joint.is_identity
+    assert few.n_features_in_ / few.n_train_ >= calibration.JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
+    assert not few.calibration_.joint.is_identity and not asked
+
+

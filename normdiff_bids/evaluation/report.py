@@ -38,12 +38,13 @@ _IDP_COLUMNS = [
 ]
 
 
-#: What the joint deviation's card adds when it fails and one network's draws alone decide it.
-JOINT_REMEDY = ("; no joint map corrects it (none is learnt below 0.2 IDPs per training row), so the "
-                "joint centile is taken among one network's draws, whose dependence between IDPs varies "
-                "from fit to fit: refit with n_networks=3 "
-                "(BIDS-App: --model-options '{\"n_networks\": 3}'), which pools three networks' draws at "
-                "about three times the training time")
+#: What the joint deviation's card adds when it fails and one network's draws alone decide it (the
+#: calibration layer is off, or it had too few reference controls for a joint map).
+JOINT_REMEDY = ("; no joint map corrects it (the calibration layer is off or had too few reference "
+                "controls), so the joint centile is taken among one network's draws, whose dependence "
+                "between IDPs varies from fit to fit: refit with the calibration layer on, or with "
+                "n_networks=3 (BIDS-App: --model-options '{\"n_networks\": 3}'), which pools three "
+                "networks' draws at about three times the training time")
 
 
 def _fmt(value, digits: int = 3) -> str:

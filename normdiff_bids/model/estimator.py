@@ -202,9 +202,10 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         Denoising networks trained on the same rows (seeds ``seed``, ``seed + 100``, ...; the same
         validation rows), whose draws are pooled: each point's ``n_samples`` draws are split between
         them. One network's errors in the dependence between IDPs are its own, and they decide the joint
-        deviation's calibration where no joint map is learnt; pooling several averages them out, at
-        ``n_networks`` times the training time (``docs/method.md``, "Several networks"). 1 (the
-        default): one network, as earlier versions.
+        deviation's calibration where no joint map corrects its draws (the calibration layer off, or too
+        few reference controls for one); pooling several averages them out, at ``n_networks`` times the
+        training time. With the calibration layer's joint map the pool measured level with one network
+        (``docs/method.md``, "Several networks"). 1 (the default): one network, as earlier versions.
     """
 
     def __init__(self, backbone: str = "film-mlp", covariates: Sequence[str] = ("age", "sex", "site"),

@@ -123,6 +123,13 @@ class ProbitMap:
             return self
         return ProbitMap(self.x, (self.y - shift) / spread)
 
+    def shifted(self, shift: float) -> ProbitMap:
+        """This map with ``shift`` subtracted from its output in probit space: for values that lie
+        ``shift`` higher than those the map was learnt from."""
+        if self.is_identity or shift == 0:
+            return self
+        return ProbitMap(self.x, self.y - float(shift))
+
     @property
     def is_identity(self) -> bool:
         return bool(np.allclose(self.x, self.y))
@@ -196,10 +203,12 @@ class CentileCalibration:
 
     @classmethod
     def fit(cls, centiles: np.ndarray, sites: np.ndarray, joint_centiles: np.ndarray | None = None,
-            joint_unseen: np.ndarray | None = None) -> CentileCalibration:
+            joint_unseen: np.ndarray | None = None, joint_shift: float = 0.0) -> CentileCalibration:
         """Maps from held-out ``centiles [n, D]`` of controls at ``sites [n]`` (counted for the model
         card) and their joint centiles; ``joint_unseen``: joint centiles of controls no part of the model
-        has seen, which check (and correct) the joint map (:meth:`ProbitMap.corrected`)."""
+        has seen, which check (and correct) the joint map (:meth:`ProbitMap.corrected`);
+        ``joint_shift``: how much higher in probit new people's joint centiles lie than the controls'
+        (:meth:`ProbitMap.shifted`)."""
         centiles = np.asarray(centiles, dtype=np.float64)
         sites = np.asarray(sites, dtype=np.int64).reshape(-1)
         counts = {int(s): int((sites == s).sum()) for s in np.unique(sites)}
@@ -208,7 +217,7 @@ class CentileCalibration:
         joint = ProbitMap.fit(joint_centiles) if joint_centiles is not None else ProbitMap()
         if joint_unseen is not None:
             joint = joint.corrected(joint_unseen)
-        return cls(pooled, {}, joint, len(centiles), counts, idps)
+        return cls(pooled, {}, joint.shifted(joint_shift), len(centiles), counts, idps)
 
     def _map_rows(self, sites: np.ndarray):
         sites = np.asarray(sites, dtype=np.int64).reshape(-1)

@@ -27,7 +27,8 @@ from scipy.special import ndtri
 from normdiff_bids.scoring.centiles import CENTILE_FLOOR, centiles_to_z, empirical_centiles, tail_score
 
 __all__ = ["MAX_MODEL_SHRINKAGE", "joint_deviation", "joint_reference", "joint_scores",
-           "ledoit_wolf_covariance", "mahalanobis", "model_shrinkage", "normal_scores_loo"]
+           "insample_shift", "ledoit_wolf_covariance", "mahalanobis", "model_shrinkage",
+           "normal_scores_loo"]
 
 #: Element budget per chunk of rows for [rows, S, D] work arrays.
 _CHUNK_ELEMENTS = 4_000_000
@@ -100,6 +101,16 @@ def ledoit_wolf_covariance(x: np.ndarray, floor: float = 0.0) -> np.ndarray:
     Same estimator as ``sklearn.covariance.LedoitWolf`` (centred data, biased covariance), vectorised
     over rows; ``floor``: the least shrinkage intensity used (0: Ledoit-Wolf's own).
     """
+    cov, mu, shrink = _ledoit_wolf_parts(x, floor)
+    out = (1 - shrink)[:, None, None] * cov
+    idx = np.arange(x.shape[2])
+    out[:, idx, idx] += (shrink * mu)[:, None]
+    return out
+
+
+def _ledoit_wolf_parts(x: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(biased sample covariance [R, D, D], mean variance mu [R], shrinkage intensity [R])`` of
+    :func:`ledoit_wolf_covariance`."""
     n, d = x.shape[1], x.shape[2]
     xc = x - x.mean(axis=1, keepdims=True)
     cov = np.einsum("rni,rnj->rij", xc, xc, optimize=True) / n
@@ -110,10 +121,38 @@ def ledoit_wolf_covariance(x: np.ndarray, floor: float = 0.0) -> np.ndarray:
     beta_bar = (np.sum(sq_norms ** 2, axis=1) / n - frob2) / n
     beta = np.minimum(beta_bar, delta)
     shrink = np.maximum(np.where(delta > 0, beta / np.where(delta > 0, delta, 1), 0.0), floor)
-    out = (1 - shrink)[:, None, None] * cov
-    idx = np.arange(d)
-    out[:, idx, idx] += (shrink * mu)[:, None]
-    return out
+    return cov, mu, shrink
+
+
+def insample_shift(rows: np.ndarray, shrinkage: float = 0.0) -> float:
+    """How much less typical new rows look jointly than ``rows [n, D]`` themselves, under a covariance
+    learnt from ``rows``: the mean probit of each row's leave-one-out squared Mahalanobis length, as a
+    centile among the rows' in-sample lengths (both under :func:`ledoit_wolf_covariance` with the
+    shrinkage floor ``shrinkage``, its intensity held at the full sample's).
+
+    A network that learns the dependence of its training rows makes those rows look more typical than
+    new people by about this much: a Mahalanobis length under a covariance fitted to the very row it
+    measures is biased low by about ``D (D + 2) / n`` (of a spread ``sqrt(2 D)``). Leaving row ``i`` out
+    changes the shrunk covariance by a rank-one term, so its length follows in closed form
+    (Sherman-Morrison): with ``A = (1 - s) n / (n - 1) C + s mu I`` and ``b = (1 - s) / (n - 1)``,
+    ``q = r' A^-1 r`` and the leave-one-out length is ``q + b q^2 / (1 - b q)``.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    n, d = rows.shape
+    if n < 3 or d < 1:
+        return 0.0
+    cov, mu, shrink = (a[0] for a in _ledoit_wolf_parts(rows[None], float(shrinkage)))
+    centred = rows - rows.mean(axis=0)
+    eye = np.eye(d)
+    full = (1 - shrink) * cov + shrink * mu * eye
+    inside = np.einsum("ni,ij,nj->n", centred, np.linalg.pinv(full, hermitian=True), centred)
+    b = (1 - shrink) / (n - 1)
+    q = np.einsum("ni,ij,nj->n", centred,
+                  np.linalg.pinv((1 - shrink) * n / (n - 1) * cov + shrink * mu * eye, hermitian=True),
+                  centred)
+    left_out = q + b * q ** 2 / np.maximum(1 - b * q, 1e-12)
+    ranks = (np.searchsorted(np.sort(inside), left_out) + 0.5) / (n + 1)
+    return float(ndtri(ranks).mean())
 
 
 def mahalanobis(z: np.ndarray, chol: np.ndarray) -> np.ndarray:
