@@ -435,14 +435,19 @@ def test_an_age_outside_its_own_sites_range_is_extrapolated(one_thread, tmp_path
     assert saved.covariate_schema_.categorical[-1].ranges == model.covariate_schema_.categorical[-1].ranges
 
 
-def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_rows(model, train, monkeypatch):
+def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_rows(model, train, monkeypatch,
+                                                                                   tmp_path):
     import normdiff_bids.model.calibration as calibration
 
     # 3 IDPs from 400 rows: the map from the cross-fitted controls, lowered in probit by the in-sample
     # bias of the network's training rows' dependence, as the seen rows' share of the map's rows
     assert model.n_features_in_ / model.n_train_ < calibration.JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
     assert not model.calibration_.joint.is_identity
-    assert not model.model_card()["calibration"]["joint_is_identity"]
+    card = model.model_card()["calibration"]
+    assert not card["joint_is_identity"]
+    assert card["joint_correction"]["method"] == "in-sample bias of the learnt dependence"
+    assert card["joint_correction"]["shift_z"] > 0
+    assert load_model(model.save(tmp_path / "m")).model_card()["calibration"] == card
     space = model._model_space()
     cont, cat = model.covariate_schema_.encode(train)
     x = model.scaler_.transform(train[model.idps_].to_numpy(float))
@@ -466,5 +471,7 @@ def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_row
         few = tiny_model().fit(wide)
     assert few.n_features_in_ / few.n_train_ >= calibration.JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
     assert not few.calibration_.joint.is_identity and not asked
+    assert few.model_card()["calibration"]["joint_correction"] == {
+        "method": "unseen controls (mean and spread in probit)", "n_unseen": 4, "applied": False}
 
 

@@ -78,6 +78,15 @@ def test_the_methods_text_describes_the_model_and_cites_what_it_used():
     assert "networks were trained" not in text
     pooled = methods_text({**CARD, "n_networks": 3}, VERSIONS)
     assert "3 such networks were trained with different random seeds" in pooled
+    assert "joint deviation's centile was recalibrated" not in text
+    layer = CARD["calibration"]
+    shift = {**layer, "joint_correction": {"shift_z": 0.0312}}
+    shifted = methods_text({**CARD, "calibration": shift}, VERSIONS)
+    assert "in-sample bias of the dependence the network learnt from those controls (0.031 " in shifted
+    checked = {**layer, "joint_correction": {"n_unseen": 75, "applied": True}}
+    assert "checked on 75 controls that no part" in methods_text({**CARD, "calibration": checked}, VERSIONS)
+    unchecked = {**layer, "joint_correction": {"n_unseen": 20, "applied": False}}
+    assert "joint deviation's centile" not in methods_text({**CARD, "calibration": unchecked}, VERSIONS)
 
 
 def test_without_a_model_an_earlier_methods_text_is_kept(tmp_path):

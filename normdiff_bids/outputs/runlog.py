@@ -259,6 +259,15 @@ def _model_sentences(card: Mapping) -> list[str]:
         controls = calibration.get("n_controls")
         out.append(f"Centiles were recalibrated with {method}"
                    + (f" ({controls} controls)" if controls else "") + ".")
+        joint = calibration.get("joint_correction")
+        if isinstance(joint, Mapping) and isinstance(joint.get("shift_z"), int | float):
+            out.append("The joint deviation's centile was recalibrated among the controls' cross-fitted "
+                       "joint deviations, lowered by the in-sample bias of the dependence the network learnt "
+                       f"from those controls ({joint['shift_z']:.3f} in probit).")
+        elif isinstance(joint, Mapping) and joint.get("applied") and joint.get("n_unseen"):
+            out.append("The joint deviation's centile was recalibrated among the controls' cross-fitted "
+                       f"joint deviations and checked on {joint['n_unseen']} controls that no part of the "
+                       "model had seen.")
     if card.get("adaptations"):
         out.append("The model was adapted to sites it had not been trained on from those sites' own "
                    "controls, without retraining the network.")

@@ -193,13 +193,17 @@ class CentileCalibration:
     """
 
     def __init__(self, pooled: ProbitMap, sites: dict[int, ProbitMap], joint: ProbitMap, n_controls: int,
-                 site_controls: dict[int, int] | None = None, idps: list[ProbitMap] | None = None):
+                 site_controls: dict[int, int] | None = None, idps: list[ProbitMap] | None = None,
+                 joint_correction: dict | None = None):
         self.pooled = pooled
         self.sites = dict(sites)
         self.joint = joint
         self.n_controls = int(n_controls)
         self.site_controls = dict(site_controls or {})
         self.idps = list(idps or [])
+        #: How the joint map was made right for new people (the model card shows it; empty for
+        #: bundles of earlier versions and where no joint map was learnt).
+        self.joint_correction = dict(joint_correction or {})
 
     @classmethod
     def fit(cls, centiles: np.ndarray, sites: np.ndarray, joint_centiles: np.ndarray | None = None,
@@ -215,9 +219,17 @@ class CentileCalibration:
         pooled = ProbitMap.fit(centiles)
         idps = shrunk_maps(pooled.transform(centiles))
         joint = ProbitMap.fit(joint_centiles) if joint_centiles is not None else ProbitMap()
-        if joint_unseen is not None:
+        correction = {}
+        if not joint.is_identity and joint_unseen is not None:
+            n_unseen = int(np.isfinite(np.asarray(joint_unseen, dtype=np.float64)).sum())
+            correction = {"method": "unseen controls (mean and spread in probit)", "n_unseen": n_unseen,
+                          "applied": n_unseen >= MIN_CHECK_VALUES}
             joint = joint.corrected(joint_unseen)
-        return cls(pooled, {}, joint.shifted(joint_shift), len(centiles), counts, idps)
+        elif not joint.is_identity and joint_shift:
+            correction = {"method": "in-sample bias of the learnt dependence",
+                          "shift_z": round(float(joint_shift), 4)}
+            joint = joint.shifted(joint_shift)
+        return cls(pooled, {}, joint, len(centiles), counts, idps, correction)
 
     def _map_rows(self, sites: np.ndarray):
         sites = np.asarray(sites, dtype=np.int64).reshape(-1)
@@ -257,7 +269,7 @@ class CentileCalibration:
                 "site_controls": {str(k): v for k, v in self.site_controls.items()},
                 "pooled": self.pooled.to_dict(), "joint": self.joint.to_dict(),
                 "sites": {str(k): m.to_dict() for k, m in self.sites.items()},
-                "idps": [m.to_dict() for m in self.idps]}
+                "idps": [m.to_dict() for m in self.idps], "joint_correction": dict(self.joint_correction)}
 
     @classmethod
     def from_dict(cls, data: dict) -> CentileCalibration:
@@ -265,7 +277,8 @@ class CentileCalibration:
                    {int(k): ProbitMap.from_dict(m) for k, m in data["sites"].items()},
                    ProbitMap.from_dict(data["joint"]), int(data["n_controls"]),
                    {int(k): int(v) for k, v in data.get("site_controls", {}).items()},
-                   [ProbitMap.from_dict(m) for m in data.get("idps", [])])
+                   [ProbitMap.from_dict(m) for m in data.get("idps", [])],
+                   _plain_dict(data.get("joint_correction")))
 
     def summary(self, idp_names: list[str] | None = None) -> dict:
         """What the model card shows: how many controls calibrated it, which maps are not the identity,
@@ -281,6 +294,15 @@ class CentileCalibration:
                                    "largest_shift_z": {str(names[j]): round(shifts[j], 3)
                                                        for j in notable[:5]}},
                "pooled_is_identity": self.pooled.is_identity, "joint_is_identity": self.joint.is_identity}
+        if self.joint_correction:
+            out["joint_correction"] = dict(self.joint_correction)
         if self.sites:
             out["sites_with_own_map"] = sorted(self.sites)
         return out
+
+
+def _plain_dict(value) -> dict:
+    """A bundle's ``joint_correction``: a dict of strings, numbers and booleans, or nothing."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, str | int | float | bool)}
