@@ -134,6 +134,12 @@ def test_a_failing_joint_deviation_from_one_networks_draws_says_how_to_pool_seve
     assert "n_networks=3" not in hint(0.05, joint_from_draws=True, n_networks=1)  # it passes
     assert "n_networks=3" not in hint(0.107, joint_from_draws=False, n_networks=1)  # a joint map decides
     assert "n_networks=3" not in hint(0.107, joint_from_draws=True, n_networks=3)  # already pooled
+    # a joint map that too few unseen controls could check: say so, and what would let it be checked
+    unchecked = hint(0.188, joint_from_draws=False, n_networks=1, joint_unchecked_controls=22)
+    assert "22 controls that no part of the model saw were left to check it (40 needed)" in unchecked
+    assert "more reference controls, or fewer IDPs" in unchecked and "n_networks=3" not in unchecked
+    passing = hint(0.05, joint_from_draws=False, n_networks=1, joint_unchecked_controls=22)
+    assert "left to check" not in passing
 
 
 @pytest.mark.parametrize("n", [54, 1000])

@@ -473,5 +473,9 @@ def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_row
     assert not few.calibration_.joint.is_identity and not asked
     assert few.model_card()["calibration"]["joint_correction"] == {
         "method": "unseen controls (mean and spread in probit)", "n_unseen": 4, "applied": False}
+    from normdiff_bids.evaluation.evaluate import joint_source
+
+    assert joint_source(few)["joint_unchecked_controls"] == 4  # the report says the map went unchecked
+    assert "joint_unchecked_controls" not in joint_source(model)
 
 

@@ -184,13 +184,18 @@ def joint_calibration(model, holdout: pd.DataFrame) -> dict:
 
 def joint_source(model) -> dict:
     """What decides a model's joint centile: ``joint_from_draws`` (no joint map of the applied
-    calibration layer corrects its draws' centile) and ``n_networks`` (whose draws they are); empty for
-    a model that does not say (e.g. an oracle)."""
+    calibration layer corrects its draws' centile), ``n_networks`` (whose draws they are) and, where a
+    joint map was learnt but too few unseen controls were left to check it, ``joint_unchecked_controls``
+    (how many there were); empty for a model that does not say (e.g. an oracle)."""
     calibrated = getattr(model, "_calibrated", None)
     if not callable(calibrated) or not hasattr(model, "n_networks"):
         return {}
     layer = calibrated()
-    return {"joint_from_draws": layer is None or layer.joint.is_identity, "n_networks": int(model.n_networks)}
+    out = {"joint_from_draws": layer is None or layer.joint.is_identity, "n_networks": int(model.n_networks)}
+    correction = getattr(layer, "joint_correction", None) or {}
+    if not out["joint_from_draws"] and correction.get("applied") is False:
+        out["joint_unchecked_controls"] = int(correction.get("n_unseen", 0))
+    return out
 
 
 def evaluate(model, train: pd.DataFrame, holdout: pd.DataFrame, n_samples: int = 200, seed: int = 0,

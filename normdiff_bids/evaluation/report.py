@@ -9,6 +9,7 @@ import pandas as pd
 
 from normdiff_bids import __version__
 from normdiff_bids.evaluation.figures import data_uri
+from normdiff_bids.scoring.conformal import MIN_CHECK_VALUES
 from normdiff_bids.templating import render
 
 _FIGURE_CAPTIONS = [
@@ -45,6 +46,21 @@ JOINT_REMEDY = ("; no joint map corrects it (the calibration layer is off or had
                 "between IDPs varies from fit to fit: refit with the calibration layer on, or with "
                 "n_networks=3 (BIDS-App: --model-options '{\"n_networks\": 3}'), which pools three "
                 "networks' draws at about three times the training time")
+
+#: What the card adds when it fails and the joint map could not be checked on unseen controls (a model
+#: with 0.2 IDPs per training row or more, and fewer unseen controls than the check needs).
+JOINT_UNCHECKED = ("; the joint map was learnt from reference controls the network has seen, and {n} "
+                   "controls that no part of the model saw were left to check it ({needed} needed), so "
+                   "it is uncorrected: use more reference controls, or fewer IDPs (below 0.2 per control "
+                   "the map is corrected without them)")
+
+
+def _joint_advice(get) -> str:
+    if get("joint_from_draws") and get("n_networks") == 1:
+        return JOINT_REMEDY
+    if get("joint_unchecked_controls") is not None:
+        return JOINT_UNCHECKED.format(n=get("joint_unchecked_controls"), needed=MIN_CHECK_VALUES)
+    return ""
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -110,7 +126,7 @@ def _cards(results: dict) -> list[dict]:
                       + f"5% critical value {_fmt(get('joint_pit_ks_critical'))} at n = {get('joint_n')}; "
                         f"above 0.95: {_fmt(get('joint_share_95'))} (nominal 0.05), above 0.99: "
                         f"{_fmt(get('joint_share_99'))} (0.01)"
-                      + (JOINT_REMEDY if bad and get("joint_from_draws") and get("n_networks") == 1 else "")})
+                      + (_joint_advice(get) if bad else "")})
     if get("ks_frac_reject") is not None:
         cards.append({"label": "KS tests rejected", "value": _fmt(get("ks_frac_reject")),
                       "bad": get("ks_frac_reject") > 0.1,
