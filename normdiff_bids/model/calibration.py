@@ -20,8 +20,8 @@ __all__ = ["JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW", "fit_calibration"]
 #: map: fcon1000 at 11 to 20 IDPs (12 cohorts of splits and IDP sets) mean 0.081 / 0.054, fits above
 #: the 5% critical value 20 / 2 of 36; synthetic 20-site cohorts at N=200 to 1000 mean 0.054 / 0.054,
 #: above 0.08 3 / 1 of 15 (docs/method.md). At or above it the network follows its rows only in part
-#: (that bias would over-correct by 2 to 15 times), and the network's validation rows check and correct
-#: the map (:meth:`~normdiff_bids.scoring.conformal.ProbitMap.corrected`).
+#: (on the synthetic cohorts that bias over-predicts the gap 2 to 5 times), and the network's
+#: validation rows check and correct the map (:meth:`~normdiff_bids.scoring.conformal.ProbitMap.corrected`).
 JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW = 0.2
 
 
