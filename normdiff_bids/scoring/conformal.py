@@ -221,10 +221,11 @@ class CentileCalibration:
         joint = ProbitMap.fit(joint_centiles) if joint_centiles is not None else ProbitMap()
         correction = {}
         if not joint.is_identity and joint_unseen is not None:
-            n_unseen = int(np.isfinite(np.asarray(joint_unseen, dtype=np.float64)).sum())
-            correction = {"method": "unseen controls (mean and spread in probit)", "n_unseen": n_unseen,
-                          "applied": n_unseen >= MIN_CHECK_VALUES}
-            joint = joint.corrected(joint_unseen)
+            checked = joint.corrected(joint_unseen)  # the map itself where too few unseen values
+            correction = {"method": "unseen controls (mean and spread in probit)",
+                          "n_unseen": int(np.isfinite(np.asarray(joint_unseen, dtype=np.float64)).sum()),
+                          "applied": checked is not joint}
+            joint = checked
         elif not joint.is_identity and joint_shift:
             correction = {"method": "in-sample bias of the learnt dependence",
                           "shift_z": round(float(joint_shift), 4)}
