@@ -138,6 +138,7 @@ def test_a_failing_joint_deviation_from_one_networks_draws_says_how_to_pool_seve
     unchecked = hint(0.188, joint_from_draws=False, n_networks=1, joint_unchecked_controls=22)
     assert "22 controls that no part of the model saw were left to check it (40 needed)" in unchecked
     assert "more reference controls, or fewer IDPs" in unchecked and "n_networks=3" not in unchecked
+    assert "refit with joint_folds=5 (BIDS-App: --model-options '{\"joint_folds\": 5}')" in unchecked
     passing = hint(0.05, joint_from_draws=False, n_networks=1, joint_unchecked_controls=22)
     assert "left to check" not in passing
 

@@ -463,12 +463,12 @@ def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_row
     lowered = (unit.joint.y + 1.0 * n_seen / len(x)) - refit.joint.y  # the unshifted map less the shift
     np.testing.assert_allclose(lowered, lowered[0])
     assert lowered[0] > 0  # rows the network has seen look more typical than new people
-    # 8 IDPs from 40 rows (0.2 per row): the unseen rows check the map; no shift is computed
+    # 8 IDPs from 40 rows (0.2 per row) without fold models: the unseen rows check the map; no shift
     asked.clear()
     wide = SyntheticCohort(n_idps=8, n_sites=2, seed=0).sample(40, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        few = tiny_model().fit(wide)
+        few = tiny_model(joint_folds=0).fit(wide)
     assert few.n_features_in_ / few.n_train_ >= calibration.JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
     assert not few.calibration_.joint.is_identity and not asked
     assert few.model_card()["calibration"]["joint_correction"] == {
@@ -477,5 +477,46 @@ def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_row
 
     assert joint_source(few)["joint_unchecked_controls"] == 4  # the report says the map went unchecked
     assert "joint_unchecked_controls" not in joint_source(model)
+
+
+def test_at_few_controls_per_idp_fold_models_that_never_saw_a_control_learn_the_joint_map(tmp_path):
+    import normdiff_bids.model.calibration as calibration
+
+    fits, scored = [], []
+
+    class Spy(NormativeDiffusion):  # its fold models are Spies too: they are built from type(model)
+        def fit(self, table, idps=None):
+            fits.append((self.seed, set(table.index), dict(table["site"].value_counts())))
+            return super().fit(table, idps=idps)
+
+        def _score_arrays(self, table, with_joint=True, given=None):
+            scored.append((self.seed, set(table.index)))
+            return super()._score_arrays(table, with_joint=with_joint, given=given)
+
+    wide = SyntheticCohort(n_idps=16, n_sites=3, seed=0, site_sizes="zipf").sample(60, seed=1)
+    wide = pd.concat([wide, wide.iloc[[0]].assign(site="site9", participant_id="sub-lone")],
+                     ignore_index=True)  # a site of one person: never held out of a fold's training
+    params = dict(seed=0, epochs=8, n_samples=60, steps=8, backbone_config=TINY, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Spy(**params).fit(wide)
+    assert model.n_features_in_ / len(wide) >= calibration.JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
+    (_, everyone, _), *folds = fits
+    assert len(folds) == calibration.JOINT_FOLDS == len(scored)
+    held_out = set()
+    for (seed, trained, sites), (scoring_seed, held) in zip(folds, scored, strict=True):
+        assert seed == scoring_seed != model.seed and not trained & held and trained | held == everyone
+        assert set(sites) == set(wide["site"])  # every site keeps training rows in every fold
+        held_out |= held
+    assert held_out == everyone - {len(wide) - 1}  # each control scored once, the lone one never
+    correction = model.model_card()["calibration"]["joint_correction"]
+    assert correction == {"method": "fold models that never saw the control", "n_folds": 5,
+                          "n_controls": len(held_out)}
+    assert not model.calibration_.joint.is_identity
+    saved = load_model(model.save(tmp_path / "m"))
+    assert saved.model_card()["calibration"]["joint_correction"] == correction
+    assert len({seed for seed, *_ in fits}) == len(fits)  # fold models are seeded apart from the model
+    with pytest.raises(ValueError, match=r"joint_folds=1 \('auto', 0 \(off\)"):
+        tiny_model(joint_folds=1).fit(wide)
 
 

@@ -82,6 +82,9 @@ PARAMETER_CONSTRAINTS = {
     "joint_shrinkage": P.Constraint(
         lambda v: v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1),
         "'auto' or a number from 0 to 1"),
+    "joint_folds": P.Constraint(
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and (v == 0 or v >= 2)),
+        "'auto', 0 (off) or a number of folds from 2, e.g. 5"),
 }
 
 
@@ -206,6 +209,18 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         few reference controls for one); pooling several averages them out, at ``n_networks`` times the
         training time. With the calibration layer's joint map the pool measured level with one network
         (``docs/method.md``, "Several networks"). 1 (the default): one network, as earlier versions.
+    joint_folds : "auto" or int
+        How the calibration layer's joint map learns what new people's joint deviations look like. With
+        ``k`` folds, ``k`` more models (location-scale stage and networks) are each fitted without one
+        fold of the reference controls (every site and level keeps training rows in every fold) and score
+        that fold, so the map is learnt from every control's joint centile under a model that never saw
+        it (:func:`~normdiff_bids.model.calibration.crossfit_joint_centiles`), at about ``k + 1`` times
+        the training time. 0: the controls are scored by the network that trained on them, and the map is
+        corrected for that as :func:`~normdiff_bids.model.calibration.fit_calibration` says: at 0.2 IDPs
+        per training row or more, by the network's validation rows, which need 40 to check it.
+        ``"auto"``: 5 folds where those rows would check the map and are too few (0.2 IDPs per row or
+        more, and fewer than about 400 controls at ``validation_fraction=0.1``), 0 elsewhere (measured in
+        ``docs/method.md``, "Cross-fitted networks").
     """
 
     def __init__(self, backbone: str = "film-mlp", covariates: Sequence[str] = ("age", "sex", "site"),
@@ -220,7 +235,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
                  location_scale: str = "pooled", calibration: str = "conformal",
                  site_covariate: str | None = "site", draw_table: str = "auto", missing_idps: str = "use",
                  verbose: bool = True, covariate_kinds: Mapping[str, str] | None = None,
-                 joint_shrinkage: float | str = "auto", n_networks: int = 1):
+                 joint_shrinkage: float | str = "auto", n_networks: int = 1, joint_folds: int | str = "auto"):
         self.backbone = backbone
         self.covariates = covariates
         self.seed = seed
@@ -251,6 +266,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         self.covariate_kinds = covariate_kinds
         self.joint_shrinkage = joint_shrinkage
         self.n_networks = n_networks
+        self.joint_folds = joint_folds
 
     # ------------------------------------------------------------------ sklearn conventions
     @classmethod
@@ -393,7 +409,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         # draws the rest
         self.draw_table_ = self._plan_draw_table() if self.draw_table == "auto" else None
         if stage is not None and self.calibration == "conformal":
-            self.calibration_ = fit_calibration(self, space, x, cont, cat)
+            self.calibration_ = fit_calibration(self, space, x, cont, cat, kept[[*covariates, *idps]])
         summary.update(n_rows=len(table), n_dropped=n_dropped, seconds=round(time.perf_counter() - start, 2))
         self.training_summary_ = summary
         return self

@@ -260,7 +260,11 @@ def _model_sentences(card: Mapping) -> list[str]:
         out.append(f"Centiles were recalibrated with {method}"
                    + (f" ({controls} controls)" if controls else "") + ".")
         joint = calibration.get("joint_correction")
-        if isinstance(joint, Mapping) and isinstance(joint.get("shift_z"), int | float):
+        if isinstance(joint, Mapping) and isinstance(joint.get("n_folds"), int):
+            out.append("The joint deviation's centile was recalibrated among the controls' joint deviations, "
+                       f"each scored by one of {joint['n_folds']} models fitted with the same settings "
+                       "without that control's fold of the controls.")
+        elif isinstance(joint, Mapping) and isinstance(joint.get("shift_z"), int | float):
             out.append("The joint deviation's centile was recalibrated among the controls' cross-fitted "
                        "joint deviations, lowered by the in-sample bias of the dependence the network learnt "
                        f"from those controls ({joint['shift_z']:.3f} in probit).")

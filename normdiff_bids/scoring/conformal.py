@@ -207,12 +207,14 @@ class CentileCalibration:
 
     @classmethod
     def fit(cls, centiles: np.ndarray, sites: np.ndarray, joint_centiles: np.ndarray | None = None,
-            joint_unseen: np.ndarray | None = None, joint_shift: float = 0.0) -> CentileCalibration:
+            joint_unseen: np.ndarray | None = None, joint_shift: float = 0.0,
+            joint_method: dict | None = None) -> CentileCalibration:
         """Maps from held-out ``centiles [n, D]`` of controls at ``sites [n]`` (counted for the model
         card) and their joint centiles; ``joint_unseen``: joint centiles of controls no part of the model
         has seen, which check (and correct) the joint map (:meth:`ProbitMap.corrected`);
         ``joint_shift``: how much higher in probit new people's joint centiles lie than the controls'
-        (:meth:`ProbitMap.shifted`)."""
+        (:meth:`ProbitMap.shifted`); ``joint_method``: what the model card says of joint centiles that
+        need neither (e.g. of controls each scored by a model that never saw them)."""
         centiles = np.asarray(centiles, dtype=np.float64)
         sites = np.asarray(sites, dtype=np.int64).reshape(-1)
         counts = {int(s): int((sites == s).sum()) for s in np.unique(sites)}
@@ -220,7 +222,9 @@ class CentileCalibration:
         idps = shrunk_maps(pooled.transform(centiles))
         joint = ProbitMap.fit(joint_centiles) if joint_centiles is not None else ProbitMap()
         correction = {}
-        if not joint.is_identity and joint_unseen is not None:
+        if not joint.is_identity and joint_method:
+            correction = dict(joint_method)
+        elif not joint.is_identity and joint_unseen is not None:
             checked = joint.corrected(joint_unseen)  # the map itself where too few unseen values
             correction = {"method": "unseen controls (mean and spread in probit)",
                           "n_unseen": int(np.isfinite(np.asarray(joint_unseen, dtype=np.float64)).sum()),
