@@ -33,16 +33,23 @@ def _broken(u, scale=1.0, shift=0.0):
     return stats.norm.cdf((stats.norm.ppf(u) - shift) / scale)
 
 
-@pytest.fixture(scope="module")
-def fitted():
-    gen = SyntheticCohort(n_idps=4, n_sites=6, seed=1, site_sizes="zipf", site_effect=3.0)
-    train, test = gen.sample(800, seed=2), gen.sample(600, seed=3)
+def _fit_and_score(n_idps: int, n_train: int, seed: int):
+    """A Zipf-sited cohort's generator, a small model fitted on ``n_train`` of its people, 600 held-out
+    people (of the trained sites) and their scores."""
+    gen = SyntheticCohort(n_idps=n_idps, n_sites=6, seed=seed, site_sizes="zipf", site_effect=3.0)
+    train, test = gen.sample(n_train, seed=seed + 1), gen.sample(600, seed=seed + 2)
     test = test[test["site"].isin(set(train["site"]))].reset_index(drop=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = NormativeDiffusion(seed=0, epochs=60, n_samples=300, verbose=False,
                                    backbone_config={"hidden": 64, "n_blocks": 3}).fit(train, idps=gen.idps)
         scores = model.score(test)
+    return gen, model, test, scores
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    gen, model, test, scores = _fit_and_score(n_idps=4, n_train=800, seed=1)
     wide = scores.pivot(index="participant_id", columns="idp", values="centile")
     u = wide.loc[test["participant_id"], gen.idps].to_numpy()
     joint = scores.groupby("participant_id")["joint_centile"].first().loc[test["participant_id"]].to_numpy()
@@ -90,14 +97,8 @@ def test_held_out_joint_centiles_are_uniform_and_detect_a_deviant_profile(fitted
 def test_at_few_controls_per_idp_held_out_joint_centiles_are_uniform():
     # 24 IDPs from 120 controls (0.2 per control): the joint map is learnt by fold models that never saw
     # the controls they score (held-out KS 0.066 here; the raw draws 0.120, fold models off 0.100)
-    gen = SyntheticCohort(n_idps=24, n_sites=6, seed=3, site_sizes="zipf", site_effect=3.0)
-    train, test = gen.sample(120, seed=4), gen.sample(600, seed=5)
-    test = test[test["site"].isin(set(train["site"]))].reset_index(drop=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = NormativeDiffusion(seed=0, epochs=60, n_samples=300, verbose=False,
-                                   backbone_config={"hidden": 64, "n_blocks": 3}).fit(train, idps=gen.idps)
-        joint = model.score(test).groupby("participant_id")["joint_centile"].first().to_numpy()
+    _, model, _, scores = _fit_and_score(n_idps=24, n_train=120, seed=3)
+    joint = scores.groupby("participant_id")["joint_centile"].first().to_numpy()
     assert model.model_card()["calibration"]["joint_correction"]["n_folds"] == 5
     assert stats.kstest(joint, "uniform").statistic < MAX_JOINT_KS
     # a map off by half a probit unit either way fails the same gate
