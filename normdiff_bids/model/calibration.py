@@ -32,9 +32,9 @@ JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW = 0.2
 #: Folds of ``joint_folds="auto"`` where the validation rows are too few to check the map (fewer than
 #: ``MIN_CHECK_VALUES``): the models that learn the joint map from controls they never saw
 #: (:func:`crossfit_joint_centiles`). Held-out joint KS, fold models / the map checked on the validation
-#: rows, at N=200, D=100 (20 rows, too few: the map went unchecked), six fits: mean 0.068 / 0.122, above
-#: 0.08 2 / 4; at N=500, D=100 (50 rows), three fits: 0.061 / 0.045; fcon1000's 208 IDPs (75 rows), two
-#: splits: 0.078 / 0.087 (``docs/method.md``, "Cross-fitted networks").
+#: rows, at N=200 and 300, D=100 and 200 (20 and 30 rows, too few: the map went unchecked), ten fits:
+#: mean 0.067 / 0.118, above 0.08 3 / 6; at N=500, D=100 (50 rows), three fits: 0.061 / 0.045;
+#: fcon1000's 208 IDPs (75 rows), two splits: 0.078 / 0.087 (``docs/method.md``, "Cross-fitted networks").
 JOINT_FOLDS = 5
 #: Fold models are seeded ``seed + FOLD_SEED_STEP * (fold + 1)``, apart from the model's own networks
 #: (``seed + 100 * k``).
