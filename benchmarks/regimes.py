@@ -9,7 +9,8 @@ Rows per cohort:
 - ``ours``: the default model (two-stage, with the calibration layer), and the same fit with the layer
   switched off (no refit: the layer is applied at scoring time);
 - ``ours, joint_folds=0`` (``--methods ours-nofolds``): the default model without the fold models that
-  learn the joint map at 0.2 IDPs per control or more (the map of earlier versions);
+  learn the joint map where the validation rows are too few to check it (the map of earlier versions;
+  the same as ``ours`` elsewhere);
 - ``ours, 3 networks`` (``--methods ours-3``): the same with ``n_networks=3``, the draws of three
   networks pooled;
 - ``ours, site embedding``: the earlier design (diffusion on the IDPs, site as a learned embedding;
