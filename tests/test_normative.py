@@ -518,5 +518,10 @@ def test_at_few_controls_per_idp_fold_models_that_never_saw_a_control_learn_the_
     assert len({seed for seed, *_ in fits}) == len(fits)  # fold models are seeded apart from the model
     with pytest.raises(ValueError, match=r"joint_folds=1 \('auto', 0 \(off\)"):
         tiny_model(joint_folds=1).fit(wide)
+    # every control alone in its combination of levels: none can be held out, so no fold model is fitted
+    # and the map falls back to the validation rows' check
+    fits.clear()
+    alone = np.arange(len(wide))[:, None]
+    assert calibration.crossfit_joint_centiles(model, wide, alone, 5) is None and not fits
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 from normdiff_bids.model.model_space import ModelSpace, crossfit_residuals, heldout_residuals, site_folds
 from normdiff_bids.model.tables import MIN_TRAIN_ROWS
 from normdiff_bids.progress import progress
-from normdiff_bids.scoring.conformal import MIN_CHECK_VALUES, CentileCalibration
+from normdiff_bids.scoring.conformal import MIN_CHECK_VALUES, MIN_VALUES, CentileCalibration
 from normdiff_bids.scoring.joint import insample_shift
 
 __all__ = ["JOINT_FOLDS", "JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW", "crossfit_joint_centiles", "fit_calibration",
@@ -61,7 +61,8 @@ def crossfit_joint_centiles(model, table: pd.DataFrame, cat: np.ndarray, n_folds
     """Each reference control's raw joint centile under a model fitted without its fold, with
     ``model``'s settings: ``table`` holds the controls ``model`` was fitted on (covariates and IDPs),
     ``cat`` their encoded categorical covariates. NaN for a control scored on a subset of the IDPs or
-    kept in every fold's training; ``None`` when a fold would leave fewer than ``MIN_TRAIN_ROWS`` rows.
+    kept in every fold's training; ``None`` (nothing fitted) when a fold would leave fewer than
+    ``MIN_TRAIN_ROWS`` rows or fewer than ``MIN_VALUES`` controls could be held out (the map needs them).
 
     Folds are balanced within each combination of categorical levels, and a combination with one row
     stays in every fold's training, so no fold model meets a site or level it was not trained on.
@@ -73,7 +74,8 @@ def crossfit_joint_centiles(model, table: pd.DataFrame, cat: np.ndarray, n_folds
     combination = combination.reshape(-1)
     folds = site_folds(combination, n_folds, int(model.seed))
     folds[np.bincount(combination)[combination] < 2] = -1
-    if len(table) - np.bincount(folds[folds >= 0], minlength=n_folds).max() < MIN_TRAIN_ROWS:
+    largest = np.bincount(folds[folds >= 0], minlength=n_folds).max()
+    if len(table) - largest < MIN_TRAIN_ROWS or (folds >= 0).sum() < MIN_VALUES:
         return None
     params = {**model.get_params(), "calibration": "off", "joint_folds": 0, "draw_table": "off",
               "verbose": False}
