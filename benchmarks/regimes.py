@@ -10,7 +10,8 @@ Rows per cohort:
   switched off (no refit: the layer is applied at scoring time);
 - ``ours, joint_folds=0`` (``--methods ours-nofolds``): the default model without the fold models that
   learn the joint map where the validation rows are too few to check it (the map of earlier versions;
-  the same as ``ours`` elsewhere);
+  the same as ``ours`` elsewhere); ``ours, joint_folds=5`` (``--methods ours-folds``): fold models
+  wherever the cohort is;
 - ``ours, 3 networks`` (``--methods ours-3``): the same with ``n_networks=3``, the draws of three
   networks pooled;
 - ``ours, site embedding``: the earlier design (diffusion on the IDPs, site as a learned embedding;
@@ -138,8 +139,8 @@ def run_ours(data: Dataset, args, **params) -> list[tuple[str, dict]]:
         model.fit(data.train[[*COVARIATES, *data.idps]], idps=data.idps)
     fit_s = time.perf_counter() - start
     label = "ours" if params.get("location_scale", "pooled") != "off" else "ours, site embedding"
-    if params.get("joint_folds", "auto") == 0:
-        label = "ours, joint_folds=0"
+    if params.get("joint_folds", "auto") != "auto":
+        label = f"ours, joint_folds={params['joint_folds']}"
     if params.get("n_networks", 1) > 1:
         label = f"ours, {params['n_networks']} networks"
     rows = []
@@ -240,8 +241,9 @@ def parse_args(argv=None):
                    help="real data: the 70/30 splits to run (default: --seed); with several, each "
                         "split's rows and then their mean (the model's seed stays --seed)")
     p.add_argument("--methods", default="ours,gauss-spline,pcn-blr,pcn-blr-shash,oracle",
-                   help="comma list of ours, ours-nofolds (joint_folds=0: no fold models for the joint "
-                        "map), ours-3 (three networks), legacy, gauss-spline, pcn-blr, pcn-blr-shash, oracle")
+                   help="comma list of ours, ours-nofolds / ours-folds (joint_folds=0 / 5: no fold models "
+                        "for the joint map / always five), ours-3 (three networks), legacy, gauss-spline, "
+                        "pcn-blr, pcn-blr-shash, oracle")
     p.add_argument("--n-samples", type=int, default=1000, help="our draws per covariate point")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pcn-python", default=os.environ.get("NORMDIFF_PCN_PYTHON", sys.executable))
@@ -279,6 +281,8 @@ def main(argv=None) -> int:
             rows += run_ours(data, args)
         if "ours-nofolds" in methods:
             rows += run_ours(data, args, joint_folds=0)
+        if "ours-folds" in methods:
+            rows += run_ours(data, args, joint_folds=5)
         if "ours-3" in methods:
             rows += run_ours(data, args, n_networks=3)
         if "legacy" in methods:

@@ -479,7 +479,22 @@ def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_row
     assert "joint_unchecked_controls" not in joint_source(model)
 
 
-def test_at_few_controls_per_idp_fold_models_that_never_saw_a_control_learn_the_joint_map(tmp_path):
+def test_fold_models_learn_the_joint_map_where_fewer_than_40_controls_are_left_unseen():
+    from types import SimpleNamespace
+
+    from normdiff_bids.model.calibration import JOINT_FOLDS, joint_folds
+
+    def folds(n_rows, setting="auto", fraction=0.1, n_idps=3):
+        return joint_folds(SimpleNamespace(joint_folds=setting, validation_fraction=fraction, seed=0,
+                                           n_features_in_=n_idps), n_rows)
+
+    assert folds(390) == JOINT_FOLDS == 5 and folds(394, n_idps=200) == 5  # 39 validation rows: too few
+    assert folds(400) == 0 and folds(400, n_idps=200) == 0  # 40 rows check the map, whatever D / N
+    assert folds(1000, fraction=0.0) == 5  # no validation rows at all
+    assert folds(100, setting=0) == 0 and folds(5000, setting=3) == 3  # as asked
+
+
+def test_at_few_controls_fold_models_that_never_saw_a_control_learn_the_joint_map(tmp_path):
     import normdiff_bids.model.calibration as calibration
 
     fits, scored = [], []
@@ -500,7 +515,6 @@ def test_at_few_controls_per_idp_fold_models_that_never_saw_a_control_learn_the_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Spy(**params).fit(wide)
-    assert model.n_features_in_ / len(wide) >= calibration.JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
     (_, everyone, _), *folds = fits
     assert len(folds) == calibration.JOINT_FOLDS == len(scored)
     held_out = set()

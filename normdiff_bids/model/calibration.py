@@ -29,12 +29,15 @@ __all__ = ["JOINT_FOLDS", "JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW", "crossfit_joint
 #: (on the synthetic cohorts that bias over-predicts the gap 2 to 5 times), and the network's
 #: validation rows check and correct the map (:meth:`~normdiff_bids.scoring.conformal.ProbitMap.corrected`).
 JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW = 0.2
-#: Folds of ``joint_folds="auto"`` where the validation rows are too few to check the map (fewer than
-#: ``MIN_CHECK_VALUES``): the models that learn the joint map from controls they never saw
-#: (:func:`crossfit_joint_centiles`). Held-out joint KS, fold models / the map checked on the validation
-#: rows, at N=200 and 300, D=100 and 200 (20 and 30 rows, too few: the map went unchecked), ten fits:
-#: mean 0.067 / 0.118, above 0.08 3 / 6; at N=500, D=100 (50 rows), three fits: 0.061 / 0.045;
-#: fcon1000's 208 IDPs (75 rows), two splits: 0.078 / 0.087 (``docs/method.md``, "Cross-fitted networks").
+#: Folds of ``joint_folds="auto"`` where fewer than ``MIN_CHECK_VALUES`` controls are left that the
+#: network never saw (its validation rows; under about 400 controls at ``validation_fraction=0.1``): the
+#: models that learn the joint map from controls they never saw (:func:`crossfit_joint_centiles`). Held-out
+#: joint KS, fold models / the earlier map, on synthetic 20-site cohorts at N=200 and 300: at 0.2 IDPs
+#: per row or more (the map went unchecked), ten fits, mean 0.067 / 0.118, above 0.08 3 / 6; below
+#: (the map shifted by the closed-form bias), seven fits, 0.058 / 0.108, above 0.08 1 / 5. With 50 or 75
+#: validation rows the earlier map measured as good (N=500, D=100, three fits: 0.061 / 0.045; fcon1000's
+#: 208 IDPs, two splits: 0.078 / 0.087) at a sixth of the fit time (``docs/method.md``, "Cross-fitted
+#: networks").
 JOINT_FOLDS = 5
 #: Fold models are seeded ``seed + FOLD_SEED_STEP * (fold + 1)``, apart from the model's own networks
 #: (``seed + 100 * k``).
@@ -44,16 +47,14 @@ FOLD_SEED_STEP = 1009
 def joint_folds(model, n_rows: int) -> int:
     """How many fold models learn ``model``'s joint map from ``n_rows`` reference controls (0: none).
 
-    ``"auto"``: :data:`JOINT_FOLDS` where the validation rows would check the map and are too few to
-    (:data:`JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW` IDPs per row or more, and fewer than
-    ``MIN_CHECK_VALUES`` validation rows), else none."""
+    ``"auto"``: :data:`JOINT_FOLDS` where the network's validation rows are fewer than
+    ``MIN_CHECK_VALUES``, else none."""
     from normdiff_bids.model.training import validation_split
 
     folds = model.joint_folds
     if folds == "auto":
         unseen, _ = validation_split(n_rows, model.validation_fraction, int(model.seed))
-        checked = model.n_features_in_ / n_rows >= JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
-        folds = JOINT_FOLDS if checked and len(unseen) < MIN_CHECK_VALUES else 0
+        folds = JOINT_FOLDS if len(unseen) < MIN_CHECK_VALUES else 0
     return int(folds)
 
 
@@ -112,8 +113,8 @@ def fit_calibration(model, space: ModelSpace, x, cont, cat, table: pd.DataFrame 
     network's validation rows, with a stage fitted without them), which set its mean and spread in
     probit space (a map from a few dozen unseen rows alone is noisy: N=200, D=20, 20 unseen rows gave a
     held-out joint KS of 0.19, the out-of-fold rows 0.08). With ``joint_folds`` fold models (by default
-    where those unseen rows are too few to check the map, :func:`joint_folds`), neither correction is
-    needed: the joint map is learnt from every control's joint centile under a model that never saw it
+    where those unseen rows are fewer than 40, :func:`joint_folds`), neither correction is made: the
+    joint map is learnt from every control's joint centile under a model that never saw it
     (:func:`crossfit_joint_centiles`).
     """
     from normdiff_bids.model.training import validation_split

@@ -216,11 +216,12 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         that fold, so the map is learnt from every control's joint centile under a model that never saw
         it (:func:`~normdiff_bids.model.calibration.crossfit_joint_centiles`), at about ``k + 1`` times
         the training time. 0: the controls are scored by the network that trained on them, and the map is
-        corrected for that as :func:`~normdiff_bids.model.calibration.fit_calibration` says: at 0.2 IDPs
-        per training row or more, by the network's validation rows, which need 40 to check it.
-        ``"auto"``: 5 folds where those rows would check the map and are too few (0.2 IDPs per row or
-        more, and fewer than about 400 controls at ``validation_fraction=0.1``), 0 elsewhere (measured in
-        ``docs/method.md``, "Cross-fitted networks").
+        corrected for that as :func:`~normdiff_bids.model.calibration.fit_calibration` says: below 0.2
+        IDPs per training row by the closed-form bias of the dependence learnt from them, at or above it
+        by the network's validation rows, which need 40 to check it.
+        ``"auto"``: 5 folds where fewer than 40 controls are left that the network never saw (its
+        validation rows: under about 400 controls at ``validation_fraction=0.1``), 0 elsewhere (measured
+        in ``docs/method.md``, "Cross-fitted networks").
     """
 
     def __init__(self, backbone: str = "film-mlp", covariates: Sequence[str] = ("age", "sex", "site"),
