@@ -87,7 +87,7 @@ def test_the_methods_text_describes_the_model_and_cites_what_it_used():
     assert "checked on 75 controls that no part" in methods_text({**CARD, "calibration": checked}, VERSIONS)
     folded = {**layer, "joint_correction": {"method": "fold models that never saw the control", "n_folds": 5,
                                             "n_controls": 193}}
-    assert "each scored by one of 5 models fitted with the same settings without that control's fold" in (
+    assert "each computed under a model fitted with the same settings without that control (5-fold " in (
         methods_text({**CARD, "calibration": folded}, VERSIONS))
     unchecked = {**layer, "joint_correction": {"n_unseen": 20, "applied": False}}
     assert "joint deviation's centile" not in methods_text({**CARD, "calibration": unchecked}, VERSIONS)

@@ -262,8 +262,8 @@ def _model_sentences(card: Mapping) -> list[str]:
         joint = calibration.get("joint_correction")
         if isinstance(joint, Mapping) and isinstance(joint.get("n_folds"), int):
             out.append("The joint deviation's centile was recalibrated among the controls' joint deviations, "
-                       f"each scored by one of {joint['n_folds']} models fitted with the same settings "
-                       "without that control's fold of the controls.")
+                       "each computed under a model fitted with the same settings without that control "
+                       f"({joint['n_folds']}-fold cross-fitting).")
         elif isinstance(joint, Mapping) and isinstance(joint.get("shift_z"), int | float):
             out.append("The joint deviation's centile was recalibrated among the controls' cross-fitted "
                        "joint deviations, lowered by the in-sample bias of the dependence the network learnt "
