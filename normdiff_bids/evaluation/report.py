@@ -48,14 +48,14 @@ JOINT_REMEDY = ("; no joint map corrects it (the calibration layer is off or had
                 "networks' draws at about three times the training time")
 
 #: What the card adds when it fails and the joint map could not be checked on unseen controls (a model
-#: with 0.1 IDPs per training row or more, fewer unseen controls than the check needs, and no fold
+#: with 0.12 IDPs per training row or more, fewer unseen controls than the check needs, and no fold
 #: models: ``joint_folds=0``).
 JOINT_UNCHECKED = ("; the joint map was learnt from reference controls the network has seen, and {n} "
                    "controls that no part of the model saw were left to check it ({needed} needed), so "
                    "it is uncorrected: refit with joint_folds=5 (BIDS-App: --model-options "
                    "'{{\"joint_folds\": 5}}'), which learns it from fold models that never saw the controls "
                    "they score, at about six times the training time; or use more reference controls, or "
-                   "fewer IDPs (below 0.1 per control the map is corrected without them)")
+                   "fewer IDPs (below 0.12 per control the map is corrected without them)")
 
 
 def _joint_advice(get) -> str:

@@ -216,7 +216,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         that fold, so the map is learnt from every control's joint centile under a model that never saw
         it (:func:`~normdiff_bids.model.calibration.crossfit_joint_centiles`), at about ``k + 1`` times
         the training time. 0: the controls are scored by the network that trained on them, and the map is
-        corrected for that as :func:`~normdiff_bids.model.calibration.fit_calibration` says: below 0.1
+        corrected for that as :func:`~normdiff_bids.model.calibration.fit_calibration` says: below 0.12
         IDPs per training row by the closed-form bias of the dependence learnt from them, at or above it
         by the network's validation rows, which need 40 to check it.
         ``"auto"``: 5 folds where fewer than 40 controls are left that the network never saw (its
