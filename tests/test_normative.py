@@ -479,7 +479,7 @@ def test_the_joint_map_is_shifted_by_the_seen_rows_bias_or_checked_on_unseen_row
     assert "joint_unchecked_controls" not in joint_source(model)
 
 
-def test_fold_models_learn_the_joint_map_where_fewer_than_40_controls_are_left_unseen():
+def test_fold_models_learn_the_joint_map_where_too_few_unseen_controls_would_check_it():
     from types import SimpleNamespace
 
     from normdiff_bids.model.calibration import JOINT_FOLDS, joint_folds
@@ -488,10 +488,13 @@ def test_fold_models_learn_the_joint_map_where_fewer_than_40_controls_are_left_u
         return joint_folds(SimpleNamespace(joint_folds=setting, validation_fraction=fraction, seed=0,
                                            n_features_in_=n_idps), n_rows)
 
-    assert folds(390) == JOINT_FOLDS == 5 and folds(394, n_idps=200) == 5  # 39 validation rows: too few
-    assert folds(400) == 0 and folds(400, n_idps=200) == 0  # 40 rows check the map, whatever D / N
-    assert folds(1000, fraction=0.0) == 5  # no validation rows at all
-    assert folds(100, setting=0) == 0 and folds(5000, setting=3) == 3  # as asked
+    # at 0.12 IDPs per row or more the validation rows check the map: 39 are too few, 40 enough
+    assert folds(390, n_idps=47) == JOINT_FOLDS == 5 and folds(394, n_idps=200) == 5
+    assert folds(400, n_idps=48) == 0 and folds(400, n_idps=200) == 0
+    assert folds(1000, fraction=0.0, n_idps=120) == 5  # no validation rows at all
+    # below it the closed-form shift corrects the map, however few the validation rows
+    assert folds(390, n_idps=46) == 0 and folds(100, n_idps=3) == 0
+    assert folds(100, setting=0, n_idps=50) == 0 and folds(5000, setting=3) == 3  # as asked
 
 
 def test_at_few_controls_fold_models_that_never_saw_a_control_learn_the_joint_map(tmp_path):

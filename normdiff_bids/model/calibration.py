@@ -33,15 +33,17 @@ __all__ = ["JOINT_FOLDS", "JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW", "crossfit_joint
 #: N=1000, D=120 0.134 / 0.062; N=1000, D=150 0.205 / 0.047), and at 0.1 neither was the better (N=1000,
 #: D=100, two cohorts: 0.059, 0.092 / 0.158, 0.047; ``docs/method.md``, "Cross-fitted networks").
 JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW = 0.12
-#: Folds of ``joint_folds="auto"`` where fewer than ``MIN_CHECK_VALUES`` controls are left that the
-#: network never saw (its validation rows; under about 400 controls at ``validation_fraction=0.1``): the
-#: models that learn the joint map from controls they never saw (:func:`crossfit_joint_centiles`). Held-out
-#: joint KS, fold models / the earlier map, on synthetic 20-site cohorts at N=200 and 300: at 0.2 IDPs
-#: per row or more (the map went unchecked), ten fits, mean 0.067 / 0.118, above 0.08 3 / 6; below
-#: (the map shifted by the closed-form bias), seven fits, 0.058 / 0.108, above 0.08 1 / 5. Where 50 to
-#: 100 validation rows check the map, the check measured about as well (synthetic N=500 to 1000 at
-#: D/N 0.12 to 0.2 and fcon1000's 208 IDPs, nine fits: 0.068 / 0.073) at a quarter to a fifth of the
-#: fit time (``docs/method.md``, "Cross-fitted networks").
+#: Folds of ``joint_folds="auto"`` where the validation rows would check the map and fewer than
+#: ``MIN_CHECK_VALUES`` are left (at :data:`JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW` IDPs per row or more and
+#: under about 400 controls at ``validation_fraction=0.1``): the models that learn the joint map from
+#: controls they never saw (:func:`crossfit_joint_centiles`). Held-out joint KS, fold models / the
+#: earlier map, synthetic 20-site cohorts at N=200 and 300 and 0.2 IDPs per row or more (the map went
+#: unchecked), ten fits: mean 0.067 / 0.118, above 0.08 3 / 6. Below that line the closed-form shift
+#: stays: on fcon1000's 11 IDPs with 303 training controls (four splits) it gave 0.070 where fold models
+#: gave 0.091, though on synthetic N=200, D=20 fold models were the better (0.052 / 0.067). Where 50 to 100
+#: validation rows check the map, the check measured about as well as fold models (synthetic N=500 to
+#: 1000 at D/N 0.12 to 0.2 and fcon1000's 208 IDPs, nine fits: 0.073 / 0.068) at a quarter to a fifth of
+#: the fit time (``docs/method.md``, "Cross-fitted networks").
 JOINT_FOLDS = 5
 #: Fold models are seeded ``seed + FOLD_SEED_STEP * (fold + 1)``, apart from the model's own networks
 #: (``seed + 100 * k``).
@@ -51,14 +53,16 @@ FOLD_SEED_STEP = 1009
 def joint_folds(model, n_rows: int) -> int:
     """How many fold models learn ``model``'s joint map from ``n_rows`` reference controls (0: none).
 
-    ``"auto"``: :data:`JOINT_FOLDS` where the network's validation rows are fewer than
+    ``"auto"``: :data:`JOINT_FOLDS` where the network's validation rows would check the map
+    (:data:`JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW` IDPs per row or more) and are fewer than
     ``MIN_CHECK_VALUES``, else none."""
     from normdiff_bids.model.training import validation_split
 
     folds = model.joint_folds
     if folds == "auto":
         unseen, _ = validation_split(n_rows, model.validation_fraction, int(model.seed))
-        folds = JOINT_FOLDS if len(unseen) < MIN_CHECK_VALUES else 0
+        checked = model.n_features_in_ / n_rows >= JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW
+        folds = JOINT_FOLDS if checked and len(unseen) < MIN_CHECK_VALUES else 0
     return int(folds)
 
 
@@ -117,9 +121,9 @@ def fit_calibration(model, space: ModelSpace, x, cont, cat, table: pd.DataFrame 
     network's validation rows, with a stage fitted without them), which set its mean and spread in
     probit space (a map from a few dozen unseen rows alone is noisy: N=200, D=20, 20 unseen rows gave a
     held-out joint KS of 0.19, the out-of-fold rows 0.08). With ``joint_folds`` fold models (by default
-    where those unseen rows are fewer than 40, :func:`joint_folds`), neither correction is made: the
-    joint map is learnt from every control's joint centile under a model that never saw it
-    (:func:`crossfit_joint_centiles`).
+    where those unseen rows would check the map and are fewer than 40, :func:`joint_folds`), neither
+    correction is made: the joint map is learnt from every control's joint centile under a model that
+    never saw it (:func:`crossfit_joint_centiles`).
     """
     from normdiff_bids.model.training import validation_split
 

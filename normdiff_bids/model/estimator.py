@@ -219,9 +219,9 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         corrected for that as :func:`~normdiff_bids.model.calibration.fit_calibration` says: below 0.12
         IDPs per training row by the closed-form bias of the dependence learnt from them, at or above it
         by the network's validation rows, which need 40 to check it.
-        ``"auto"``: 5 folds where fewer than 40 controls are left that the network never saw (its
-        validation rows: under about 400 controls at ``validation_fraction=0.1``), 0 elsewhere (measured
-        in ``docs/method.md``, "Cross-fitted networks").
+        ``"auto"``: 5 folds where those validation rows would check the map (0.12 IDPs per training row
+        or more) and are fewer than 40 (under about 400 controls at ``validation_fraction=0.1``), 0
+        elsewhere (measured in ``docs/method.md``, "Cross-fitted networks").
     """
 
     def __init__(self, backbone: str = "film-mlp", covariates: Sequence[str] = ("age", "sex", "site"),
