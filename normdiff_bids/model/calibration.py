@@ -68,7 +68,7 @@ def joint_folds(model, n_rows: int) -> int:
 
 def crossfit_joint_centiles(model, table: pd.DataFrame, cat: np.ndarray, n_folds: int) -> np.ndarray | None:
     """Each reference control's raw joint centile under a model fitted without its fold, with
-    ``model``'s settings: ``table`` holds the controls ``model`` was fitted on (covariates and IDPs),
+    ``model``'s settings: ``table`` holds the controls ``model`` was fitted on (at least covariates and IDPs),
     ``cat`` their encoded categorical covariates. NaN for a control scored on a subset of the IDPs or
     kept in every fold's training; ``None`` (nothing fitted) when a fold would leave fewer than
     ``MIN_TRAIN_ROWS`` rows or fewer than ``MIN_VALUES`` controls could be held out (the map needs them).
@@ -108,8 +108,8 @@ def fit_calibration(model, space: ModelSpace, x, cont, cat, table: pd.DataFrame 
                     ) -> CentileCalibration:
     """The calibration layer of ``model`` (a fitted two-stage ``NormativeDiffusion``) from its
     training rows: ``x`` [R, D] in the scaler's units, their encoded covariates ``cont``, ``cat``, and
-    the rows themselves (``table``: covariates and IDPs), which the fold models of the joint map
-    (``joint_folds``) are fitted on.
+    the rows themselves (``table``, holding at least the covariates and IDPs), which the fold models of
+    the joint map (``joint_folds``) are fitted on.
 
     Per-IDP maps and the joint map: every reference control's out-of-fold residual (cross-fitting
     the location-scale stage, which carries what a small sample gets wrong). The joint statistic sums
@@ -130,16 +130,17 @@ def fit_calibration(model, space: ModelSpace, x, cont, cat, table: pd.DataFrame 
     inputs = space.stage_inputs(cont, cat)
     missing = np.zeros(len(x), dtype=bool)
     residuals = crossfit_residuals(model.stage_, *inputs, x, seed=int(model.seed))
-    crossfit = model._score_model_space(residuals, cont, cat, missing, with_joint=True)
-    # the joint map is over every IDP: rows missing some are scored on a subset, so they are left out
-    joint = crossfit["joint_centile"][crossfit["joint_n_idps"] == x.shape[1]]
     n_folds = joint_folds(model, len(x)) if table is not None else 0
     never_seen = crossfit_joint_centiles(model, table, cat, n_folds) if n_folds else None
+    # the full model's joint scores of its own controls are needed only when no fold model scored them
+    crossfit = model._score_model_space(residuals, cont, cat, missing, with_joint=never_seen is None)
     if never_seen is not None:
         never_seen = never_seen[np.isfinite(never_seen)]
         return CentileCalibration.fit(crossfit["centiles"], inputs[2], never_seen, joint_method={
             "method": "fold models that never saw the control", "n_folds": n_folds,
             "n_controls": int(len(never_seen))})
+    # the joint map is over every IDP: rows missing some are scored on a subset, so they are left out
+    joint = crossfit["joint_centile"][crossfit["joint_n_idps"] == x.shape[1]]
     unseen, seen = validation_split(len(x), model.validation_fraction, int(model.seed))
     if x.shape[1] / len(x) < JOINT_UNSEEN_CHECK_MIN_IDPS_PER_ROW:
         rows = model.stage_.standardise(*(a[seen] for a in inputs), x[seen])

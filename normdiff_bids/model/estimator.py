@@ -410,7 +410,7 @@ class NormativeDiffusion(_PredictionMixin, _PersistenceMixin):
         # draws the rest
         self.draw_table_ = self._plan_draw_table() if self.draw_table == "auto" else None
         if stage is not None and self.calibration == "conformal":
-            self.calibration_ = fit_calibration(self, space, x, cont, cat, kept[[*covariates, *idps]])
+            self.calibration_ = fit_calibration(self, space, x, cont, cat, kept)
         summary.update(n_rows=len(table), n_dropped=n_dropped, seconds=round(time.perf_counter() - start, 2))
         self.training_summary_ = summary
         return self
